@@ -1,0 +1,288 @@
+"""Read and validate trace files written by :mod:`tracer.writer`.
+
+The reader never trusts a file: it checks the schema version, the tensor table
+and every dataset's shape and dtype before handing out data, refuses external
+links, external storage, virtual datasets and object dtypes, and reads data in
+bounded chunks. Every problem becomes a :class:`TraceFormatError` whose message
+starts with the file name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+
+from tracer import schema
+from tracer.config import CaptureConfig
+from tracer.errors import TraceFormatError
+
+MAX_TEXT_BYTES = 64 << 20
+"""Largest metadata string the reader accepts (bounds memory on hostile files)."""
+
+
+def _open_h5(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise TraceFormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise TraceFormatError(f"{path}: is a directory, expected a trace file (replica-<N>.h5)")
+    if not h5py.is_hdf5(path):
+        raise TraceFormatError(f"{path}: not an HDF5 file (empty, truncated or another format)")
+    try:
+        # SWMR read opens files whose writer was killed mid-run; clean files too.
+        return h5py.File(path, "r", swmr=True)
+    except (OSError, ValueError) as first:
+        try:
+            return h5py.File(path, "r")
+        except (OSError, ValueError):
+            raise TraceFormatError(f"{path}: HDF5 file cannot be opened ({first}); it may be truncated or corrupt") \
+                from first
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "O":
+            raise ValueError("object-dtype attribute")
+        return value.tolist()
+    return value
+
+
+class TraceReader:
+    """One replica's trace file.
+
+    Args:
+        path: A ``replica-<N>.h5`` file.
+
+    Raises:
+        TraceFormatError: If the file is missing, not a trace, of an unknown
+            schema version, or inconsistent.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self._file: Optional[h5py.File] = _open_h5(self.path)
+        try:
+            self._load()
+        except TraceFormatError:
+            self.close()
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            self.close()
+            raise TraceFormatError(f"{self.path}: corrupt trace ({type(exc).__name__}: {exc})") from exc
+
+    # ------------------------------------------------------------- validation
+    def _fail(self, message: str) -> TraceFormatError:
+        return TraceFormatError(f"{self.path}: {message}")
+
+    def _dataset(self, name: str, *, ndim: Optional[int] = None, kinds: str = "iuf") -> h5py.Dataset:
+        f = self._file
+        link = f.get(name, getlink=True)
+        if link is None:
+            raise self._fail(f"missing dataset /{name}")
+        if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+            raise self._fail(f"/{name} is a link; links are not followed in traces")
+        obj = f[name]
+        if not isinstance(obj, h5py.Dataset):
+            raise self._fail(f"/{name} is not a dataset")
+        if obj.is_virtual or obj.external:
+            raise self._fail(f"/{name} stores its data outside the file; refused")
+        if obj.dtype.kind not in kinds:
+            raise self._fail(f"/{name} has dtype {obj.dtype}, expected a numeric dtype")
+        if ndim is not None and obj.ndim != ndim:
+            raise self._fail(f"/{name} has {obj.ndim} dimensions, expected {ndim}")
+        return obj
+
+    def _text(self, name: str) -> str:
+        d = self._dataset(name, kinds="SOU")
+        if d.shape != () or d.dtype.kind == "O" and h5py.check_string_dtype(d.dtype) is None:
+            raise self._fail(f"/{name} must be a scalar string")
+        if d.id.get_storage_size() > MAX_TEXT_BYTES:
+            raise self._fail(f"/{name} is larger than {MAX_TEXT_BYTES} bytes")
+        value = d[()]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    def _load(self) -> None:
+        f = self._file
+        attrs: Dict[str, Any] = {}
+        for key in f.attrs:
+            try:
+                attrs[key] = _plain(f.attrs[key])
+            except (OSError, ValueError, TypeError) as exc:
+                raise self._fail(f"root attribute {key!r} is unreadable ({exc})") from exc
+        version = attrs.get(schema.ATTR_SCHEMA)
+        if version is None:
+            raise self._fail("not a tracer trace (no schema_version attribute)")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise self._fail(f"schema_version must be an integer, found {version!r}")
+        if version != schema.SCHEMA_VERSION:
+            raise self._fail(f"schema version {version} is not supported (this tracer reads version "
+                             f"{schema.SCHEMA_VERSION}); use the tracer release that wrote it")
+        self.attrs = attrs
+        try:
+            self.tensors: List[schema.TensorSpec] = schema.decode_tensors(self._text(schema.META_TENSORS))
+        except TraceFormatError as exc:
+            raise self._fail(str(exc)) from exc
+        try:
+            self.config = CaptureConfig.from_dict(json.loads(self._text(schema.META_CONFIG)))
+        except (ValueError, TypeError) as exc:
+            raise self._fail(f"capture config is malformed ({exc})") from exc
+        self._n_rows = self._check_table("", len(self.tensors))
+        cols = self._dataset(f"{schema.INITIAL}/columns", ndim=1, kinds="iu")[()]
+        if cols.size and (cols.min() < 0 or cols.max() >= len(self.tensors)):
+            raise self._fail("/initial/columns names a column outside the tensor table")
+        self.initial_columns = [int(c) for c in cols]
+        self._n_initial = self._check_table(schema.INITIAL, len(self.initial_columns))
+        self._full_rows = {"": self._check_full(""), schema.INITIAL: self._check_full(schema.INITIAL)}
+        self._column = {t.key: i for i, t in enumerate(self.tensors)}
+
+    def _check_table(self, group: str, ncols: int) -> int:
+        prefix = f"{group}/" if group else ""
+        steps = self._dataset(f"{prefix}{schema.STEPS}", ndim=1, kinds="iu")
+        rows = steps.shape[0]
+        for stat, dtype in schema.STATS:
+            d = self._dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}", ndim=2)
+            if d.shape[1] != ncols:
+                raise self._fail(f"/{prefix}{schema.FINGERPRINTS}/{stat} has {d.shape[1]} columns, "
+                                 f"the tensor table has {ncols}")
+            if d.dtype != np.dtype(dtype):
+                raise self._fail(f"/{prefix}{schema.FINGERPRINTS}/{stat} has dtype {d.dtype}, expected {dtype}")
+            # Rows beyond /steps were being written when the run stopped.
+            rows = min(rows, d.shape[0])
+        if rows:
+            s = steps[:rows]
+            if np.any(np.diff(s) <= 0):
+                raise self._fail(f"/{prefix}{schema.STEPS} is not strictly increasing")
+        return rows
+
+    def _check_full(self, group: str) -> int:
+        base = f"{group}/{schema.FULL}" if group else schema.FULL
+        if base not in self._file:
+            return 0
+        steps = self._dataset(f"{base}/steps", ndim=1, kinds="iu")
+        return steps.shape[0]
+
+    # ------------------------------------------------------------ properties
+    @property
+    def replica(self) -> int:
+        return int(self.attrs.get(schema.ATTR_REPLICA, 0))
+
+    @property
+    def num_replicas(self) -> int:
+        return int(self.attrs.get(schema.ATTR_NUM_REPLICAS, 1))
+
+    @property
+    def run_id(self) -> str:
+        return str(self.attrs.get(schema.ATTR_RUN_ID, ""))
+
+    @property
+    def complete(self) -> bool:
+        """False when the run stopped before the writer closed the file."""
+        return bool(self.attrs.get(schema.ATTR_COMPLETE, 0))
+
+    @property
+    def n_steps(self) -> int:
+        return self._n_rows
+
+    def column(self, key: Tuple[str, str, int]) -> Optional[int]:
+        """Column of the tensor with ``key == (kind, name, micro_step)``, or None."""
+        return self._column.get(key)
+
+    def steps(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Step numbers of rows ``[start, stop)``."""
+        stop = self._n_rows if stop is None else min(stop, self._n_rows)
+        return self._file[schema.STEPS][start:stop].astype(np.int64)
+
+    def fingerprints(self, stat: str, start: int = 0, stop: Optional[int] = None,
+                     columns: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Fingerprint statistic ``stat`` for rows ``[start, stop)`` (all or given columns)."""
+        if stat not in schema.STAT_NAMES:
+            raise ValueError(f"`stat` must be one of {schema.STAT_NAMES}. Received: stat={stat!r}")
+        stop = self._n_rows if stop is None else min(stop, self._n_rows)
+        data = self._file[f"{schema.FINGERPRINTS}/{stat}"][start:stop]
+        return data if columns is None else data[:, list(columns)]
+
+    def iter_fingerprint_chunks(self, stat: str = "hash", chunk_rows: int = 4096
+                                ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(first_row, steps, values)`` blocks of at most ``chunk_rows`` rows."""
+        for start in range(0, self._n_rows, chunk_rows):
+            stop = min(start + chunk_rows, self._n_rows)
+            yield start, self.steps(start, stop), self.fingerprints(stat, start, stop)
+
+    def full_steps(self, group: str = "") -> np.ndarray:
+        """Steps that have full tensors (``group=schema.INITIAL`` for the initial snapshot)."""
+        base = f"{group}/{schema.FULL}" if group else schema.FULL
+        rows = self._full_rows[group]
+        if not rows:
+            return np.zeros((0,), dtype=np.int64)
+        return self._file[f"{base}/steps"][:rows].astype(np.int64)
+
+    def full(self, col: int, step: int, group: str = "") -> Optional[np.ndarray]:
+        """Full tensor of column ``col`` at ``step``, or None if not recorded."""
+        steps = self.full_steps(group)
+        hits = np.nonzero(steps == step)[0]
+        if hits.size == 0:
+            return None
+        name = schema.full_path(col, group)
+        if name not in self._file:
+            return None
+        d = self._dataset(name)
+        spec = self.tensors[col]
+        if d.shape[1:] != spec.shape:
+            raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
+        if int(hits[0]) >= d.shape[0]:
+            return None
+        value = d[int(hits[0])]
+        if spec.dtype == "bfloat16":
+            return value  # raw bit patterns (uint16)
+        return value
+
+    def initial_fingerprints(self, stat: str) -> np.ndarray:
+        """Fingerprint ``stat`` of the initial snapshot, over ``initial_columns`` (empty if none)."""
+        if self._n_initial == 0:
+            return np.zeros((0, len(self.initial_columns)))
+        return self._file[f"{schema.INITIAL}/{schema.FINGERPRINTS}/{stat}"][:1]
+
+    @property
+    def initial_step(self) -> Optional[int]:
+        if self._n_initial == 0:
+            return None
+        return int(self._file[f"{schema.INITIAL}/{schema.STEPS}"][0])
+
+    # ------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+
+    def __enter__(self) -> "TraceReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._file is None else f"steps={self._n_rows}"
+        return f'<TraceReader "{os.path.basename(self.path)}" replica={self.attrs.get("replica")} {state}>'
+
+
+def find_replica_files(run_dir: str) -> List[str]:
+    """Trace files of a run directory, sorted by replica index."""
+    if not os.path.isdir(run_dir):
+        raise TraceFormatError(f"{run_dir}: not a directory")
+    found = []
+    for name in os.listdir(run_dir):
+        m = schema.FILE_REGEX.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    if not found:
+        raise TraceFormatError(f"{run_dir}: no replica-<N>.h5 trace files in this directory")
+    return [p for _, p in sorted(found)]

@@ -1,0 +1,203 @@
+"""The trace file format: the one contract between the capture and analysis halves.
+
+Every HDF5 path, attribute name and the schema version live here; the writer and
+the reader both import them and nothing else spells them out. The layout is
+documented for ``h5ls`` users in ``docs/trace-format.md``.
+
+Layout of ``<trace_dir>/replica-<global replica index>.h5``::
+
+    /                       root attributes: the run environment (see ENV_ATTRS)
+    /meta/tensors           JSON string: the tensor table, one record per column
+    /steps                  int64 (S,)      optimizer step of each row
+    /fingerprints/<stat>    (S, T)          one column per tensor, see STATS
+    /full/steps             int64 (N,)      steps that have full tensors
+    /full/<col>             (N, *shape)     full tensor of column <col>
+    /initial/...            same layout for the state before the first update
+
+Steps are numbered by the optimizer's iteration counter *before* the update: row
+``s`` holds the input, loss and gradients that update ``s`` consumed and the
+optimizer slots and weights it produced. ``/initial`` holds the weights and slots
+before update ``initial_step`` (0 for a fresh run), so "the weights at step 0,
+before any update" has a home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Dict, List, Sequence, Tuple
+
+from tracer.errors import TraceFormatError
+
+SCHEMA_VERSION = 1
+"""Bumped on any incompatible change of the layout below."""
+
+FILE_PATTERN = "replica-{replica}.h5"
+FILE_REGEX = re.compile(r"^replica-(\d+)\.h5$")
+
+# Root attributes.
+ATTR_SCHEMA = "schema_version"
+ATTR_PRODUCER = "producer"
+ATTR_RUN_ID = "run_id"
+ATTR_REPLICA = "replica"
+ATTR_LOCAL_REPLICA = "local_replica"
+ATTR_WORKER = "worker"
+ATTR_NUM_REPLICAS = "num_replicas"
+ATTR_NUM_WORKERS = "num_workers"
+ATTR_INITIAL_STEP = "initial_step"
+ATTR_COMPLETE = "complete"
+"""Set to 1 by a clean close; absent or 0 means the run stopped mid-way."""
+
+# Root attributes that legitimately differ between replicas of one run, or
+# between any two runs; the environment diff skips them.
+PER_FILE_ATTRS = frozenset({
+    ATTR_REPLICA, ATTR_LOCAL_REPLICA, ATTR_WORKER, ATTR_RUN_ID, ATTR_COMPLETE,
+    "created", "pid", "hostname_rank", "devices_local",
+})
+
+# Groups and datasets.
+META_TENSORS = "meta/tensors"
+META_CONFIG = "meta/config"
+STEPS = "steps"
+FINGERPRINTS = "fingerprints"
+FULL = "full"
+FULL_STEPS = "full/steps"
+INITIAL = "initial"
+
+STATS: Tuple[Tuple[str, str], ...] = (
+    ("hash", "uint64"),
+    ("l2", "float64"),
+    ("max_abs", "float64"),
+    ("nan", "int64"),
+    ("inf", "int64"),
+)
+"""Fingerprint statistics: name and on-disk dtype. Order is the order of the
+vector the capture side produces per tensor."""
+STAT_NAMES = tuple(name for name, _ in STATS)
+
+KINDS = ("input", "loss", "local_grad", "allreduced_grad", "optimizer_slot", "weight")
+"""Tensor kinds in dataflow order inside one step."""
+KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
+GLOBAL_KINDS = frozenset({"allreduced_grad", "optimizer_slot", "weight"})
+"""Kinds whose values must be bitwise equal on every replica of one run."""
+
+SUPPORTED_DTYPES = frozenset({
+    "float16", "bfloat16", "float32", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One captured tensor: one column of every fingerprint dataset.
+
+    Attributes:
+        kind: One of ``KINDS``.
+        name: The tensor's name: the Keras variable path for gradients and
+            weights, ``<path>/<slot>`` for optimizer slots, ``loss``, or
+            ``batch[<i>]`` for input components.
+        shape: Static shape.
+        dtype: NumPy dtype name.
+        variable: Model variable this tensor belongs to ("" if none).
+        slot: Optimizer slot name ("" if not a slot).
+        micro_step: Micro-step index under gradient accumulation, -1 otherwise.
+    """
+
+    kind: str
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    variable: str = ""
+    slot: str = ""
+    micro_step: int = -1
+
+    def __post_init__(self):
+        if self.kind not in KIND_ORDER:
+            raise TraceFormatError(f"`kind` must be one of {KINDS}. Received: kind={self.kind!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise TraceFormatError(f"`name` must be a non-empty string. Received: name={self.name!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise TraceFormatError(
+                f"`dtype` must be one of {sorted(SUPPORTED_DTYPES)}. Received: dtype={self.dtype!r}")
+        if not isinstance(self.micro_step, int) or isinstance(self.micro_step, bool):
+            raise TraceFormatError(f"`micro_step` must be an int. Received: micro_step={self.micro_step!r}")
+        shape = tuple(self.shape)
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+            raise TraceFormatError(f"`shape` must hold non-negative ints. Received: shape={self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def key(self) -> Tuple[str, str, int]:
+        """Identity of the tensor across runs and replicas."""
+        return (self.kind, self.name, self.micro_step)
+
+    @property
+    def label(self) -> str:
+        """Human-readable name including the micro-step."""
+        if self.micro_step >= 0:
+            return f"{self.name} (micro-step {self.micro_step})"
+        return self.name
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TensorSpec":
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"tensor record must be an object. Received: {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise TraceFormatError(f"tensor record has unknown fields {sorted(unknown)}")
+        try:
+            return cls(**{**d, "shape": tuple(d.get("shape", ()))})
+        except TypeError as exc:
+            raise TraceFormatError(f"tensor record is malformed: {exc}") from exc
+
+
+def dataflow_sort_key(spec: TensorSpec, position: int) -> Tuple[int, int, int]:
+    """Sort key that puts tensors in dataflow order inside one step.
+
+    ``position`` is the tensor's index inside its kind as the capture side
+    produced it (already backprop order for local gradients).
+    """
+    micro = spec.micro_step if spec.micro_step >= 0 else 1 << 30
+    return (KIND_ORDER[spec.kind], micro, position)
+
+
+def encode_tensors(specs: Sequence[TensorSpec]) -> str:
+    return json.dumps([s.to_dict() for s in specs], separators=(",", ":"))
+
+
+def decode_tensors(text: str) -> List[TensorSpec]:
+    try:
+        records = json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise TraceFormatError(f"tensor table is not valid JSON: {exc}") from exc
+    if not isinstance(records, list):
+        raise TraceFormatError("tensor table must be a JSON list")
+    specs = [TensorSpec.from_dict(r) for r in records]
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise TraceFormatError("tensor table names the same tensor twice")
+    return specs
+
+
+def full_path(col: int, group: str = "") -> str:
+    """Dataset path of the full tensor of column ``col``."""
+    base = f"{group}/{FULL}" if group else FULL
+    return f"{base}/{col:05d}"
+
+
+def replica_file_name(replica: int) -> str:
+    return FILE_PATTERN.format(replica=replica)

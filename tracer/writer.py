@@ -1,0 +1,316 @@
+"""Background HDF5 writer: one file per replica, appended one step at a time.
+
+The training step hands numpy arrays to :meth:`TraceWriter.write_step`; a
+background thread does the HDF5 work, so a step never waits on the disk. The
+queue between them is bounded: when it is full the step waits, so memory stays
+bounded. Any write error is re-raised on the next call from the training side
+(or, with ``on_write_error="disable"``, stops tracing and is reported once).
+
+Crash safety: the file is written in SWMR mode (every object is created up
+front, then only datasets grow) and flushed every ``flush_every`` steps, so a
+process killed at any moment leaves a file whose steps up to the last flush are
+intact and readable (``h5py.File(path, "r", swmr=True)``, which
+``tracer.reader`` does for you).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from tracer import schema
+from tracer.config import CaptureConfig
+from tracer.errors import TraceWriteError
+
+_STOP = object()
+_FP_CHUNK_ROWS = 256
+
+
+def _attr_value(value: Any) -> Any:
+    """Coerce an environment value to something HDF5 stores as a plain attribute."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def flatten_attrs(attrs: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Flatten nested dicts into dotted attribute names (``env.TF_CPP_...``)."""
+    out: Dict[str, Any] = {}
+    for key, value in attrs.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_attrs(value, prefix=f"{name}."))
+        else:
+            out[name] = _attr_value(value)
+    return out
+
+
+def _full_chunks(shape: Sequence[int], itemsize: int):
+    # One step per chunk keeps appends cheap; h5py's guess takes over for
+    # tensors beyond HDF5's 4 GiB chunk limit.
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= max(int(d), 1)
+    if nbytes >= 2**31 or 0 in shape:
+        return True
+    return (1,) + tuple(int(d) for d in shape)
+
+
+class TraceWriter:
+    """Appends fingerprints and full tensors of one replica to one HDF5 file.
+
+    Args:
+        path: File to create (overwritten if it exists).
+        tensors: The tensor table, in dataflow order; column ``i`` of every
+            fingerprint dataset is ``tensors[i]``.
+        attrs: Run environment, stored as root attributes (nested dicts are
+            flattened to dotted names).
+        config: The capture configuration, stored in the file.
+        initial_columns: Columns recorded in the ``/initial`` snapshot
+            (weights and optimizer slots before the first update).
+
+    Use as a context manager, or call :meth:`close` (idempotent).
+    """
+
+    def __init__(self, path: str, tensors: Sequence[schema.TensorSpec], *,
+                 attrs: Optional[Mapping[str, Any]] = None,
+                 config: Optional[CaptureConfig] = None,
+                 initial_columns: Optional[Sequence[int]] = None):
+        self.path = os.fspath(path)
+        self.tensors = list(tensors)
+        self.config = config or CaptureConfig()
+        self.initial_columns = list(initial_columns if initial_columns is not None else [
+            i for i, t in enumerate(self.tensors) if t.kind in ("optimizer_slot", "weight")])
+        self._steps_written = 0
+        self._last_step: Optional[int] = None
+        self._error: Optional[BaseException] = None
+        self._disabled = False
+        self._closed = False
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.config.queue_size)
+        try:
+            self._file = self._create(attrs or {})
+        except (OSError, ValueError) as exc:
+            raise TraceWriteError(f"{self.path}: cannot create trace file: {exc}") from exc
+        self._thread = threading.Thread(target=self._run, name=f"TraceWriter-{os.path.basename(self.path)}",
+                                         daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ setup
+    def _create(self, attrs: Mapping[str, Any]) -> h5py.File:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        f = h5py.File(self.path, "w", libver="latest")
+        try:
+            for name, value in flatten_attrs(attrs).items():
+                f.attrs[name] = value
+            f.attrs[schema.ATTR_SCHEMA] = schema.SCHEMA_VERSION
+            f.attrs[schema.ATTR_COMPLETE] = 0
+            string = h5py.string_dtype()
+            f.create_dataset(schema.META_TENSORS, data=schema.encode_tensors(self.tensors), dtype=string)
+            f.create_dataset(schema.META_CONFIG, data=json.dumps(self.config.to_dict()), dtype=string)
+            self._create_table(f, "", len(self.tensors), None)
+            self._create_table(f, schema.INITIAL, len(self.initial_columns), 1)
+            f.create_dataset(f"{schema.INITIAL}/columns", data=np.asarray(self.initial_columns, dtype=np.int64))
+            # SWMR forbids creating objects later, so every full-tensor dataset
+            # exists from the start (empty until the schedule fills it).
+            full_cols = range(len(self.tensors)) if self.config.mode == "full" else []
+            self._create_full(f, "", full_cols, None)
+            self._create_full(f, schema.INITIAL, self.initial_columns, 1)
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    @staticmethod
+    def _create_table(f: h5py.File, group: str, ncols: int, maxrows: Optional[int]) -> None:
+        prefix = f"{group}/" if group else ""
+        chunk_rows = 1 if maxrows == 1 else _FP_CHUNK_ROWS
+        f.create_dataset(f"{prefix}{schema.STEPS}", shape=(0,), maxshape=(maxrows,), dtype=np.int64,
+                         chunks=(chunk_rows,))
+        for stat, dtype in schema.STATS:
+            f.create_dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}", shape=(0, ncols), maxshape=(maxrows, ncols),
+                             dtype=dtype, chunks=(chunk_rows, max(ncols, 1)))
+
+    def _create_full(self, f: h5py.File, group: str, cols: Sequence[int], maxrows: Optional[int]) -> None:
+        f.create_dataset(schema.full_path(0, group).rsplit("/", 1)[0] + "/steps", shape=(0,), maxshape=(maxrows,),
+                         dtype=np.int64, chunks=(1 if maxrows == 1 else 64,))
+        for col in cols:
+            spec = self.tensors[col]
+            dtype = np.dtype(_np_dtype_name(spec.dtype))
+            d = f.create_dataset(schema.full_path(col, group), shape=(0,) + spec.shape,
+                                 maxshape=(maxrows,) + spec.shape, dtype=dtype,
+                                 chunks=_full_chunks(spec.shape, dtype.itemsize))
+            d.attrs["kind"] = spec.kind
+            d.attrs["name"] = spec.name
+            d.attrs["micro_step"] = spec.micro_step
+
+    # ------------------------------------------------------------- public API
+    @property
+    def steps_written(self) -> int:
+        return self._steps_written
+
+    @property
+    def enabled(self) -> bool:
+        return not (self._closed or self._disabled)
+
+    def write_initial(self, step: int, fingerprints: Sequence[np.ndarray],
+                      full: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Record the state before update ``step`` (weights and slots).
+
+        ``fingerprints`` are the STATS vectors over ``initial_columns``;
+        ``full`` the matching full tensors.
+        """
+        self._put(("initial", int(step), fingerprints, full))
+
+    def write_step(self, step: int, fingerprints: Sequence[np.ndarray],
+                   full: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Append one step: STATS vectors over all columns, and full tensors (or None)."""
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise TraceWriteError(
+                f"{self.path}: steps must increase. Received: step={step} after step={self._last_step}")
+        self._last_step = step
+        self._put(("step", step, fingerprints, full))
+
+    def flush(self) -> None:
+        """Block until everything queued so far is on disk."""
+        if not self.enabled:
+            self._raise_pending()
+            return
+        self._put(("flush", None, None, None))
+        self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Write everything queued, mark the file complete and close it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        try:
+            if self._file.id.valid:
+                self._file.flush()
+                self._file.close()
+            if self._error is None:
+                # SWMR writers may not add or change attributes; reopen to mark completion.
+                with h5py.File(self.path, "r+", libver="latest") as f:
+                    f.attrs[schema.ATTR_COMPLETE] = 1
+        except (OSError, ValueError) as exc:
+            if self._error is None:
+                self._error = exc
+        self._raise_pending()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("disabled" if self._disabled else "open")
+        return (f'<TraceWriter "{os.path.basename(self.path)}" step={self._last_step} '
+                f'written={self._steps_written} {state}>')
+
+    # --------------------------------------------------------------- internals
+    def _put(self, item) -> None:
+        if self._closed:
+            raise TraceWriteError(f"{self.path}: writer is closed")
+        self._raise_pending()
+        if self._disabled:
+            return
+        self._queue.put(item)
+
+    def _raise_pending(self) -> None:
+        if self._error is None:
+            return
+        if self.config.on_write_error == "disable":
+            if not self._disabled:
+                self._disabled = True
+                warnings.warn(f"tracer: writing {self.path} failed ({self._error}); tracing is disabled, "
+                              f"{self._steps_written} steps written before the error stay readable.",
+                              RuntimeWarning, stacklevel=3)
+            return
+        error, self._error = self._error, None
+        self._disabled = True
+        raise TraceWriteError(f"{self.path}: writing the trace failed: {error}. "
+                              f"{self._steps_written} steps written before the error stay readable.") from error
+
+    def _run(self) -> None:
+        since_flush = 0
+        last_flush = time.monotonic()
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is not None:
+                    continue  # drain: the training side raises on its next call
+                op, step, fps, full = item
+                if op == "flush":
+                    self._file.flush()
+                    since_flush = 0
+                    continue
+                group = schema.INITIAL if op == "initial" else ""
+                cols = self.initial_columns if op == "initial" else range(len(self.tensors))
+                self._append(group, step, fps, full, cols)
+                if op == "step":
+                    self._steps_written += 1
+                    since_flush += 1
+                if since_flush >= self.config.flush_every or op == "initial" or time.monotonic() - last_flush > 5:
+                    self._file.flush()
+                    since_flush = 0
+                    last_flush = time.monotonic()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _append(self, group: str, step: int, fps, full, cols) -> None:
+        f = self._file
+        prefix = f"{group}/" if group else ""
+        steps = f[f"{prefix}{schema.STEPS}"]
+        row = steps.shape[0]
+        ncols = len(cols)
+        for (stat, dtype), values in zip(schema.STATS, fps):
+            values = np.asarray(values)
+            if values.shape != (ncols,):
+                raise TraceWriteError(f"{stat} vector has shape {values.shape}, expected ({ncols},)")
+            if dtype == "uint64" and values.dtype == np.int64:
+                values = values.view(np.uint64)
+            d = f[f"{prefix}{schema.FINGERPRINTS}/{stat}"]
+            d.resize((row + 1, ncols))
+            d[row] = values
+        if full is not None:
+            fsteps = f[schema.full_path(0, group).rsplit("/", 1)[0] + "/steps"]
+            frow = fsteps.shape[0]
+            for col, value in zip(cols, full):
+                d = f[schema.full_path(col, group)]
+                d.resize((frow + 1,) + d.shape[1:])
+                d[frow] = value
+            fsteps.resize((frow + 1,))
+            fsteps[frow] = step
+        # The step index is written last: a reader trusts rows up to len(/steps).
+        steps.resize((row + 1,))
+        steps[row] = step
+
+
+def _np_dtype_name(dtype: str) -> str:
+    if dtype == "bfloat16":
+        # Stored as its raw 16-bit pattern: HDF5 has no bfloat16.
+        return "uint16"
+    return dtype
