@@ -1,0 +1,46 @@
+"""The reference job's default model: a small Keras 3 MLP with seeded initializers.
+
+Only :mod:`launch.train` imports this module, after it has configured the
+devices, because importing Keras initializes TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+DEFAULT_HIDDEN = (128, 128)
+
+
+def build_model(num_features: int, num_classes: int, *, seed: int,
+                hidden: Sequence[int] = DEFAULT_HIDDEN) -> keras.Model:
+    """An MLP ``num_features -> hidden... -> num_classes`` returning logits.
+
+    Every initializer gets its own integer seed derived from ``seed``, so the
+    initial weights depend on ``seed`` alone: not on the global random state,
+    on how many models were built before, or on the strategy. Build it inside
+    ``strategy.scope()``.
+
+    Args:
+        num_features: Input width.
+        num_classes: Number of output logits.
+        seed: Weight-initialization seed.
+        hidden: Widths of the hidden ReLU layers.
+
+    Returns:
+        A built ``keras.Sequential`` named ``"mlp"``.
+    """
+    if num_features < 1 or num_classes < 2:
+        raise ValueError(f"`num_features` must be >= 1 and `num_classes` >= 2. "
+                         f"Received: num_features={num_features}, num_classes={num_classes}")
+    layers = [keras.Input(shape=(num_features,), name="features")]
+    for i, width in enumerate(hidden):
+        layers.append(keras.layers.Dense(
+            width, activation="relu", name=f"dense_{i}",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 1000 + 2 * i),
+            bias_initializer="zeros"))
+    layers.append(keras.layers.Dense(
+        num_classes, name="logits",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 1000 + 2 * len(hidden))))
+    return keras.Sequential(layers, name="mlp")
