@@ -141,6 +141,7 @@ class TraceReader:
         self._n_initial = self._check_table(schema.INITIAL, len(self.initial_columns))
         self._full_rows = {"": self._check_full(""), schema.INITIAL: self._check_full(schema.INITIAL)}
         self._column = {t.key: i for i, t in enumerate(self.tensors)}
+        self._full_steps_cache: Dict[str, np.ndarray] = {}
 
     def _check_table(self, group: str, ncols: int) -> int:
         prefix = f"{group}/" if group else ""
@@ -197,7 +198,14 @@ class TraceReader:
     def steps(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Step numbers of rows ``[start, stop)``."""
         stop = self._n_rows if stop is None else min(stop, self._n_rows)
-        return self._file[schema.STEPS][start:stop].astype(np.int64)
+        return self._read(schema.STEPS, slice(start, stop)).astype(np.int64)
+
+    def _read(self, name: str, selection) -> np.ndarray:
+        # A truncated or corrupt chunk only shows when it is read; name the file.
+        try:
+            return self._file[name][selection]
+        except (OSError, ValueError, KeyError) as exc:
+            raise self._fail(f"reading /{name} failed ({exc}); the file may be truncated or corrupt") from exc
 
     def fingerprints(self, stat: str, start: int = 0, stop: Optional[int] = None,
                      columns: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -205,8 +213,19 @@ class TraceReader:
         if stat not in schema.STAT_NAMES:
             raise ValueError(f"`stat` must be one of {schema.STAT_NAMES}. Received: stat={stat!r}")
         stop = self._n_rows if stop is None else min(stop, self._n_rows)
-        data = self._file[f"{schema.FINGERPRINTS}/{stat}"][start:stop]
+        data = self._read(f"{schema.FINGERPRINTS}/{stat}", slice(start, stop))
         return data if columns is None else data[:, list(columns)]
+
+    def fingerprint_rows(self, stat: str, rows: np.ndarray) -> np.ndarray:
+        """Fingerprint ``stat`` at the given sorted row indices (all columns)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, len(self.tensors)), dtype=dict(schema.STATS)[stat])
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo <= 4 * rows.size:
+            # One contiguous read beats h5py's point selection by far.
+            return self.fingerprints(stat, lo, hi)[rows - lo]
+        return self._read(f"{schema.FINGERPRINTS}/{stat}", rows)
 
     def iter_fingerprint_chunks(self, stat: str = "hash", chunk_rows: int = 4096
                                 ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
@@ -218,10 +237,14 @@ class TraceReader:
     def full_steps(self, group: str = "") -> np.ndarray:
         """Steps that have full tensors (``group=schema.INITIAL`` for the initial snapshot)."""
         base = f"{group}/{schema.FULL}" if group else schema.FULL
+        cached = self._full_steps_cache.get(group)
+        if cached is not None:
+            return cached
         rows = self._full_rows[group]
-        if not rows:
-            return np.zeros((0,), dtype=np.int64)
-        return self._file[f"{base}/steps"][:rows].astype(np.int64)
+        steps = (np.zeros((0,), dtype=np.int64) if not rows
+                 else self._read(f"{base}/steps", slice(0, rows)).astype(np.int64))
+        self._full_steps_cache[group] = steps
+        return steps
 
     def full(self, col: int, step: int, group: str = "") -> Optional[np.ndarray]:
         """Full tensor of column ``col`` at ``step``, or None if not recorded."""
@@ -238,16 +261,14 @@ class TraceReader:
             raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
         if int(hits[0]) >= d.shape[0]:
             return None
-        value = d[int(hits[0])]
-        if spec.dtype == "bfloat16":
-            return value  # raw bit patterns (uint16)
-        return value
+        # bfloat16 comes back as raw bit patterns (uint16).
+        return self._read(name, int(hits[0]))
 
     def initial_fingerprints(self, stat: str) -> np.ndarray:
         """Fingerprint ``stat`` of the initial snapshot, over ``initial_columns`` (empty if none)."""
         if self._n_initial == 0:
             return np.zeros((0, len(self.initial_columns)))
-        return self._file[f"{schema.INITIAL}/{schema.FINGERPRINTS}/{stat}"][:1]
+        return self._read(f"{schema.INITIAL}/{schema.FINGERPRINTS}/{stat}", slice(0, 1))
 
     @property
     def initial_step(self) -> Optional[int]:
@@ -286,3 +307,99 @@ def find_replica_files(run_dir: str) -> List[str]:
     if not found:
         raise TraceFormatError(f"{run_dir}: no replica-<N>.h5 trace files in this directory")
     return [p for _, p in sorted(found)]
+
+
+class Run:
+    """All replica files of one run, checked to belong together.
+
+    Args:
+        path: A run directory (every ``replica-<N>.h5`` in it) or one trace file.
+
+    Raises:
+        TraceFormatError: If a file is unreadable, or the files disagree on
+            run id, replica count, tensor table or steps.
+
+    Attributes:
+        readers: One :class:`TraceReader` per replica file, by replica index.
+        notes: Things the user should know (missing replica files...).
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise TraceFormatError(f"{self.path}: no such file or directory")
+        files = find_replica_files(self.path) if os.path.isdir(self.path) else [self.path]
+        self.readers: List[TraceReader] = []
+        self.notes: List[str] = []
+        try:
+            for f in files:
+                self.readers.append(TraceReader(f))
+            self._validate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _validate(self) -> None:
+        first = self.readers[0]
+        seen = {}
+        for r in self.readers[1:]:
+            for what, mine, theirs in (("run_id", r.run_id, first.run_id),
+                                       ("num_replicas", r.num_replicas, first.num_replicas)):
+                if mine != theirs:
+                    raise TraceFormatError(
+                        f"{r.path}: {what} is {mine!r} but {first.path} has {theirs!r}; a run directory must "
+                        f"hold the replica files of one run only")
+            if r.tensors != first.tensors:
+                raise TraceFormatError(f"{r.path}: tensor table differs from {first.path}; a run directory must "
+                                       f"hold the replica files of one run only")
+        for r in self.readers:
+            if r.replica in seen:
+                raise TraceFormatError(f"{r.path}: replica {r.replica} also in {seen[r.replica]}")
+            seen[r.replica] = r.path
+        self.readers.sort(key=lambda r: r.replica)
+        self.n_rows = min(r.n_steps for r in self.readers)
+        self.steps = first.steps(0, self.n_rows)
+        for r in self.readers[1:]:
+            if not np.array_equal(r.steps(0, self.n_rows), self.steps):
+                raise TraceFormatError(f"{r.path}: step numbers differ from {first.path} within one run")
+        if os.path.isdir(self.path) and len(self.readers) < self.num_replicas:
+            missing = sorted(set(range(self.num_replicas)) - set(seen))
+            self.notes.append(f"{self.path}: {len(self.readers)} of {self.num_replicas} replica files present "
+                              f"(missing replicas {missing}); only those present are compared")
+        short = [r for r in self.readers if r.n_steps > self.n_rows]
+        if short:
+            self.notes.append(f"{self.path}: replica files hold different numbers of steps; "
+                              f"only the first {self.n_rows} rows, present in all, are used")
+        incomplete = [os.path.basename(r.path) for r in self.readers if not r.complete]
+        if incomplete:
+            self.notes.append(f"{self.path}: {', '.join(incomplete)} not closed cleanly (run stopped early?); "
+                              f"the steps written before are used")
+
+    @property
+    def tensors(self) -> List[schema.TensorSpec]:
+        return self.readers[0].tensors
+
+    @property
+    def attrs(self) -> Dict[str, Any]:
+        return self.readers[0].attrs
+
+    @property
+    def num_replicas(self) -> int:
+        return self.readers[0].num_replicas
+
+    @property
+    def replicas(self) -> List[int]:
+        return [r.replica for r in self.readers]
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f'<Run "{self.path}" replicas={self.replicas} steps={getattr(self, "n_rows", "?")}>'

@@ -1,0 +1,217 @@
+"""How far apart two tensors are: exact metrics from full tensors, bounds from fingerprints.
+
+Both paths report the same four numbers so every verdict reads alike:
+
+- ``n_diff``: elements whose bits differ;
+- ``max_abs``: max ``|a_i - b_i|``;
+- ``max_rel``: max ``|a_i - b_i| / max(|a_i|, |b_i|)`` (symmetric, elementwise);
+- ``max_ulp``: max distance in units in the last place of the tensor's dtype.
+
+From fingerprints only (hash, L2 norm, max |x|, NaN and Inf counts) the element
+values are unknown, so the metrics are *lower bounds* that follow from the
+triangle inequality: ``max_i |a_i - b_i| >= | max|a| - max|b| |`` and
+``>= | ||a|| - ||b|| | / sqrt(n)``; the element that reaches the first bound
+also bounds ``max_rel`` and ``max_ulp`` from below. ``n_diff`` is then unknown
+(None). A differing hash with equal statistics gives bounds of 0: the tensors
+differ, by how much needs full tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+
+BLOCK_ELEMENTS = 1 << 20
+"""Elements compared per block: bounds temporaries and keeps them in cache."""
+
+_FLOAT_BITS = {"float16": (np.float16, np.int16), "float32": (np.float32, np.int32),
+               "float64": (np.float64, np.int64), "bfloat16": (None, np.int16)}
+
+
+@dataclasses.dataclass
+class Diff:
+    """Difference between one tensor in two places.
+
+    Attributes:
+        n_diff: Elements whose bits differ (None when only fingerprints were compared).
+        size: Elements in the tensor.
+        max_abs: Max absolute difference (lower bound when ``source == "stats"``).
+        max_rel: Max symmetric relative difference (lower bound likewise).
+        max_ulp: Max ULP distance (lower bound likewise; |a-b| for integers).
+        first_index: Multi-index of the first differing element (full tensors only).
+        nonfinite: Elements where exactly one side is NaN/Inf, or the NaN/Inf
+            counts differ (stats).
+        source: ``"full"`` or ``"stats"``.
+    """
+
+    n_diff: Optional[int]
+    size: int
+    max_abs: float
+    max_rel: float
+    max_ulp: float
+    first_index: Optional[Tuple[int, ...]] = None
+    nonfinite: int = 0
+    source: str = "full"
+    excess: float = 0.0
+    """Max of ``|a_i - b_i| - rtol * max(|a_i|, |b_i|)`` for the ``rtol`` it was computed with."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["first_index"] = list(self.first_index) if self.first_index is not None else None
+        for key in ("max_abs", "max_rel", "max_ulp", "excess"):
+            d[key] = _json_float(d[key])
+        return d
+
+
+def _json_float(x: float):
+    if x is None:
+        return None
+    x = float(x)
+    if math.isinf(x):
+        return "inf"
+    if math.isnan(x):
+        return "nan"
+    if x.is_integer() and abs(x) < 2**53:
+        return int(x) if x == 0 or abs(x) >= 1 else x
+    return x
+
+
+def is_float_dtype(dtype: str) -> bool:
+    return dtype in _FLOAT_BITS
+
+
+def to_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Values as float64; bfloat16 arrives as its raw uint16 bit pattern."""
+    if dtype == "bfloat16":
+        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return x.astype(np.float64)
+
+
+def _ordered(bits: np.ndarray, int_type) -> np.ndarray:
+    """Map float bit patterns (as signed ints) to integers ordered like the floats."""
+    i = bits.view(int_type).astype(np.int64)
+    sign_mask = np.int64(np.iinfo(int_type).max)
+    return np.where(i < 0, -(i & sign_mask), i)
+
+
+def _bits_view(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x).reshape(-1)
+    if x.dtype == np.bool_:
+        return x.view(np.uint8)
+    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def compare_full(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float = 0.0) -> Diff:
+    """Exact difference of two full tensors of the same shape and dtype.
+
+    Works block by block: a bitwise comparison first (as fast as memory), then
+    value metrics over the differing elements only.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    shape = a.shape
+    ab, bb = _bits_view(a), _bits_view(b)
+    size = ab.size
+    n_diff = 0
+    max_abs = max_rel = max_ulp = 0.0
+    excess = -math.inf
+    nonfinite = 0
+    first = None
+    floating = is_float_dtype(dtype)
+    int_type = _FLOAT_BITS[dtype][1] if floating else None
+    for start in range(0, size, BLOCK_ELEMENTS):
+        stop = min(start + BLOCK_ELEMENTS, size)
+        ne = ab[start:stop] != bb[start:stop]
+        idx = np.flatnonzero(ne)
+        if idx.size == 0:
+            continue
+        if first is None:
+            first = start + int(idx[0])
+        n_diff += int(idx.size)
+        da, db = ab[start:stop][idx], bb[start:stop][idx]
+        if floating:
+            fa = to_float(da.view(a.dtype) if dtype != "bfloat16" else da, dtype)
+            fb = to_float(db.view(b.dtype) if dtype != "bfloat16" else db, dtype)
+            fin_a, fin_b = np.isfinite(fa), np.isfinite(fb)
+            both = fin_a & fin_b
+            # One side finite, the other not: an infinite difference. NaN vs NaN
+            # with another payload differs in bits only.
+            nonfinite += int(np.count_nonzero(fin_a != fin_b))
+            inf_pair = (~fin_a & ~fin_b) & ~(np.isnan(fa) | np.isnan(fb)) & (fa != fb)
+            nonfinite += int(np.count_nonzero(inf_pair))
+            fa, fb = fa[both], fb[both]
+            oa = _ordered(da[both], int_type)
+            ob = _ordered(db[both], int_type)
+            if dtype == "float64":
+                ulp = np.abs(oa.astype(np.float64) - ob.astype(np.float64))
+            else:
+                ulp = np.abs(oa - ob).astype(np.float64)
+        else:
+            fa, fb = da.view(a.dtype).astype(np.float64), db.view(b.dtype).astype(np.float64)
+            ulp = np.abs(fa - fb)
+        if fa.size:
+            absd = np.abs(fa - fb)
+            scale = np.maximum(np.abs(fa), np.abs(fb))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(scale > 0, absd / np.where(scale > 0, scale, 1.0), 0.0)
+            max_abs = max(max_abs, float(absd.max()))
+            max_rel = max(max_rel, float(rel.max()))
+            max_ulp = max(max_ulp, float(ulp.max()))
+            excess = max(excess, float((absd - rtol * scale).max()))
+    if nonfinite:
+        max_abs = max_rel = max_ulp = excess = math.inf
+    if excess == -math.inf:
+        excess = 0.0
+    first_index = tuple(int(i) for i in np.unravel_index(first, shape)) if first is not None and shape else (
+        () if first is not None else None)
+    return Diff(n_diff=n_diff, size=size, max_abs=max_abs, max_rel=max_rel, max_ulp=max_ulp,
+                first_index=first_index, nonfinite=nonfinite, source="full", excess=excess)
+
+
+def ulp_distance_scalar(x: np.ndarray, y: np.ndarray, dtype: str) -> np.ndarray:
+    """Elementwise ULP distance between float64 values that are exactly representable in ``dtype``."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if not is_float_dtype(dtype):
+        return np.abs(x - y)
+    if dtype == "bfloat16":
+        bx = (x.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+        by = (y.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    else:
+        np_type = _FLOAT_BITS[dtype][0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            bx, by = x.astype(np_type), y.astype(np_type)
+    int_type = _FLOAT_BITS[dtype][1]
+    ox, oy = _ordered(bx, int_type), _ordered(by, int_type)
+    return np.abs(ox.astype(np.float64) - oy.astype(np.float64))
+
+
+def stats_bounds(l2a, l2b, mxa, mxb, sizes) -> Tuple[np.ndarray, np.ndarray]:
+    """Lower bounds of (max_abs, max_rel) from fingerprint statistics; arrays broadcast."""
+    l2a, l2b = np.asarray(l2a, np.float64), np.asarray(l2b, np.float64)
+    mxa, mxb = np.asarray(mxa, np.float64), np.asarray(mxb, np.float64)
+    root = np.sqrt(np.maximum(np.asarray(sizes, np.float64), 1.0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        lb_abs = np.maximum(np.abs(mxa - mxb), np.abs(l2a - l2b) / root)
+        scale = np.maximum(mxa, mxb)
+        lb_rel = np.where(scale > 0, lb_abs / np.where(scale > 0, scale, 1.0), 0.0)
+    return np.nan_to_num(lb_abs, nan=0.0), np.nan_to_num(lb_rel, nan=0.0)
+
+
+def compare_stats(sa: dict, sb: dict, size: int, dtype: str, rtol: float = 0.0) -> Diff:
+    """Lower-bound difference of one tensor from its two fingerprint statistic vectors.
+
+    ``sa``/``sb`` map stat name (``l2``, ``max_abs``, ``nan``, ``inf``) to a scalar.
+    """
+    lb_abs, lb_rel = stats_bounds(sa["l2"], sb["l2"], sa["max_abs"], sb["max_abs"], size)
+    ulp = float(ulp_distance_scalar(sa["max_abs"], sb["max_abs"], dtype))
+    nonfinite = abs(int(sa["nan"]) - int(sb["nan"])) + abs(int(sa["inf"]) - int(sb["inf"]))
+    max_abs, max_rel = float(lb_abs), float(lb_rel)
+    excess = max_abs - rtol * max(float(sa["max_abs"]), float(sb["max_abs"]))
+    if nonfinite:
+        max_abs = max_rel = ulp = excess = math.inf
+    return Diff(n_diff=None, size=size, max_abs=max_abs, max_rel=max_rel, max_ulp=ulp, first_index=None,
+                nonfinite=nonfinite, source="stats", excess=excess)
