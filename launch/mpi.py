@@ -127,5 +127,7 @@ def abort_on_error(world: World) -> Iterator[None]:
         lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
         prefix = f"[rank {world.rank}] "
         sys.stderr.write("".join(prefix + line for chunk in lines for line in chunk.splitlines(True)))
+        # The traceback above has the whole message; the abort line keeps its first line.
+        lines = str(exc).strip().splitlines()
         world.abort(130 if isinstance(exc, KeyboardInterrupt) else 1,
-                    f"uncaught {type(exc).__name__}: {exc}")
+                    f"uncaught {type(exc).__name__}: {lines[0] if lines else ''}")
