@@ -1,0 +1,119 @@
+"""Graph-time bookkeeping of one traced ``strategy.run``: what each replica reduced and applied.
+
+The traced strategies' extended objects report every gradient all-reduce and
+every variable update to the active :class:`StepCapture`. A gradient the
+optimizer applied is recognised by following its identity chain (Keras wraps the
+all-reduce in ``custom_gradient``, which adds ``Identity``/``IdentityN``) back to
+an all-reduce output, whose input is the replica's local gradient. Nothing here
+guesses by position: an update we cannot trace back to an all-reduce is not
+labelled a gradient.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+from tensorflow.python.distribute import values as tf_values
+
+from tracer.errors import CaptureError
+
+_IDENTITY_OPS = frozenset({"Identity", "IdentityN"})
+
+
+def components(value: Any) -> Tuple[Any, ...]:
+    """Per-local-replica components of a distributed value (a plain value is one component)."""
+    if isinstance(value, tf_values.DistributedValues):
+        return tuple(value.values)
+    return (value,)
+
+
+def _source(tensor: Any) -> Any:
+    """Follow Identity/IdentityN producers back to the first other tensor."""
+    seen = 0
+    while isinstance(tensor, tf.Tensor) and not tf.executing_eagerly() and hasattr(tensor, "op") \
+            and tensor.op.type in _IDENTITY_OPS and seen < 64:
+        tensor = tensor.op.inputs[tensor.value_index]
+        seen += 1
+    return tensor
+
+
+def _ref(tensor: Any):
+    try:
+        return tensor.ref()
+    except (AttributeError, TypeError):
+        return ("id", id(tensor))
+
+
+class StepCapture:
+    """Tensors recorded while one ``strategy.run`` call was traced, per local replica.
+
+    Args:
+        num_local: Replicas in this process.
+        var_paths: ``id(tf variable) -> Keras variable path`` of the watched
+            trainable variables.
+    """
+
+    def __init__(self, num_local: int, var_paths: Dict[int, str]):
+        self.num_local = num_local
+        self._var_paths = var_paths
+        self._lock = threading.Lock()
+        # ref(all-reduce output component) -> (local replica, all-reduce input component)
+        self._reduced: Dict[Any, Tuple[int, Any]] = {}
+        self.local_grads: List[Dict[str, Any]] = [{} for _ in range(num_local)]
+        self.applied_grads: List[Dict[str, Any]] = [{} for _ in range(num_local)]
+        self.micro_steps: List[List[Sequence[Any]]] = [[] for _ in range(num_local)]
+
+    # Called from the traced extended objects -------------------------------
+    def note_reduce(self, inputs: Sequence[Any], outputs: Sequence[Any], replica: Optional[int] = None) -> None:
+        """Record a SUM all-reduce: cross-replica (all replicas) or in one replica's context."""
+        with self._lock:
+            for value_in, value_out in zip(inputs, outputs):
+                ins, outs = components(value_in), components(value_out)
+                if replica is not None:
+                    self._reduced[_ref(outs[0])] = (replica, ins[0])
+                    continue
+                if len(ins) != len(outs):
+                    continue
+                for i, (t_in, t_out) in enumerate(zip(ins, outs)):
+                    self._reduced[_ref(t_out)] = (i, t_in)
+
+    def note_update(self, var: Any, grad: Any, replica: Optional[int] = None) -> None:
+        """Record an update of ``var`` with ``grad`` if ``grad`` is an all-reduced gradient."""
+        path = self._var_paths.get(id(var))
+        if path is None:
+            return
+        grads = components(grad)
+        with self._lock:
+            for i, g in enumerate(grads):
+                local = replica if replica is not None else i
+                hit = self._reduced.get(_ref(_source(g)))
+                if hit is None or hit[0] != local:
+                    continue
+                self.local_grads[local][path] = hit[1]
+                self.applied_grads[local][path] = g
+
+    def note_micro_step(self, replica: int, grads: Sequence[Any]) -> None:
+        with self._lock:
+            self.micro_steps[replica].append(list(grads))
+
+    # Used by the strategy after run() -------------------------------------
+    @property
+    def applied(self) -> bool:
+        return any(self.applied_grads)
+
+    def check_complete(self, trainable_paths: Sequence[str]) -> None:
+        """Every replica must have applied a gradient to the same variables."""
+        first = set(self.applied_grads[0])
+        for i, applied in enumerate(self.applied_grads):
+            if set(applied) != first:
+                raise CaptureError(
+                    f"replica {i} applied gradients to {sorted(applied)}, replica 0 to {sorted(first)}; "
+                    "every replica must run the same optimizer step")
+        counts = {len(m) for m in self.micro_steps}
+        if len(counts) > 1:
+            raise CaptureError(f"replicas recorded different numbers of micro-steps: {sorted(counts)}")
+        unknown = first - set(trainable_paths)
+        if unknown:
+            raise CaptureError(f"gradients were applied to unwatched variables {sorted(unknown)}")

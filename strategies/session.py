@@ -1,0 +1,380 @@
+"""TraceSession: the per-strategy state that turns graph-time captures into trace files.
+
+A traced strategy owns one session. The session knows the watched model and
+optimizer, builds the tensor table the first time a step is traced, creates one
+:class:`tracer.TraceWriter` per local replica, and emits each step's
+fingerprints (and, on schedule, full tensors) from the graph through a single
+host callback per step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.util import nest as tf_nest
+
+from strategies import environment
+from strategies.capture import StepCapture, components
+from strategies.fingerprint import fingerprint_all
+from tracer import schema
+from tracer.config import CaptureConfig
+from tracer.errors import CaptureError
+from tracer.writer import TraceWriter
+
+_N_STATS = len(schema.STATS)
+
+# Capture code is called from the user's (autograph-converted) step; converting
+# it would only slow tracing down and can turn our Python checks into graph ops.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+
+def _dtype_name(dtype: tf.DType) -> str:
+    return tf.as_dtype(dtype).name
+
+
+def _spec(kind: str, name: str, tensor: Any, **extra) -> schema.TensorSpec:
+    shape = tensor.shape
+    if not shape.is_fully_defined():
+        raise CaptureError(f"{kind} {name!r} has a shape that is not static ({shape}); tracer needs static shapes")
+    return schema.TensorSpec(kind=kind, name=name, shape=tuple(int(d) for d in shape),
+                             dtype=_dtype_name(tensor.dtype), **extra)
+
+
+def _input_structure(args, kwargs):
+    """What one replica consumed, without the (args, kwargs) packaging of ``run``."""
+    if kwargs:
+        return (tuple(args), dict(kwargs))
+    if isinstance(args, (tuple, list)) and len(args) == 1:
+        return args[0]
+    return tuple(args)
+
+
+def _input_names(structure: Any) -> List[str]:
+    paths = tf_nest.flatten_with_joined_string_paths(structure)
+    return [f"batch[{p}]" if p else "batch" for p, _ in paths]
+
+
+class TraceSession:
+    """Capture state of one traced strategy.
+
+    Args:
+        strategy: The traced strategy.
+        trace_dir: Directory receiving ``replica-<N>.h5``.
+        config: What to capture.
+        seeds: Seeds the run used, recorded in the trace.
+        run_info: Free-form facts to record (command line, XLA flag...).
+    """
+
+    def __init__(self, strategy, trace_dir: str, config: CaptureConfig, seeds: Optional[Dict[str, Any]],
+                 run_info: Optional[Dict[str, Any]]):
+        self._strategy = weakref.proxy(strategy)
+        self.trace_dir = os.path.abspath(os.fspath(trace_dir))
+        self.config = config
+        self.seeds = dict(seeds or {})
+        self.run_info = dict(run_info or {})
+        self.model = None
+        self.optimizer = None
+        self.writers: List[TraceWriter] = []
+        self.tensors: Optional[List[schema.TensorSpec]] = None
+        self._var_paths: Dict[int, str] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    # -------------------------------------------------------------- identity
+    @property
+    def enabled(self) -> bool:
+        return self.config.mode != "off" and not self._closed
+
+    def _topology(self) -> Tuple[int, int, int, int]:
+        """(worker index, number of workers, local replicas, replicas in sync)."""
+        ext = self._strategy.extended
+        n_local = len(ext.worker_devices)
+        worker = 0
+        n_workers = 1
+        resolver = getattr(self._strategy, "cluster_resolver", None)
+        if resolver is not None and resolver.task_type not in (None, ""):
+            spec = resolver.cluster_spec().as_dict()
+            n_workers = sum(len(v) for v in spec.values()) or 1
+            worker = int(resolver.task_id or 0)
+            if resolver.task_type != "worker" and "chief" in spec:
+                worker = 0
+            elif "chief" in spec:
+                worker += len(spec["chief"])
+        return worker, n_workers, n_local, self._strategy.num_replicas_in_sync
+
+    # ----------------------------------------------------------------- watch
+    def watch(self, model, optimizer) -> None:
+        if self.model is not None and (self.model is not model or self.optimizer is not optimizer):
+            raise CaptureError("this strategy already traces another model/optimizer; one pair per strategy")
+        self.model, self.optimizer = model, optimizer
+        self._var_paths = {id(v.value if hasattr(v, "value") else v): v.path for v in model.trainable_variables}
+
+    # ------------------------------------------------------------ the table
+    def _slot_owner(self, opt_var) -> Tuple[str, str]:
+        """(model variable path, slot name) of an optimizer variable, by Keras' naming rule."""
+        name = opt_var.name
+        best = ""
+        for path in self._var_paths.values():
+            prefix = path.replace("/", "_") + "_"
+            if name.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        if not best:
+            return "", name
+        owner = next(p for p in self._var_paths.values() if p.replace("/", "_") + "_" == best)
+        return owner, name[len(best):]
+
+    def _optimizer_vars(self) -> List[Tuple[str, str, Any]]:
+        """(tensor name, owning variable, slot, variable) for every optimizer variable but the LR."""
+        out = []
+        opt = self.optimizer
+        lr_var = getattr(opt, "_learning_rate", None)
+        for v in opt.variables:
+            if v is lr_var:
+                continue  # recorded as the learning rate in effect, see _learning_rate
+            if v is opt.iterations:
+                out.append(("iteration", "", "iteration", v))
+                continue
+            owner, slot = self._slot_owner(v)
+            out.append((f"{owner}/{slot}" if owner else v.path, owner, slot, v))
+        return out
+
+    def _learning_rate(self) -> tf.Tensor:
+        return tf.cast(tf.convert_to_tensor(self.optimizer.learning_rate), tf.float32)
+
+    def _build_table(self, inputs0: Sequence[Any], input_names: Sequence[str], loss0: Any,
+                     capture: StepCapture) -> List[schema.TensorSpec]:
+        kinds = set(self.config.kinds)
+        trainable = [v.path for v in self.model.trainable_variables]
+        applied = [p for p in trainable if p in capture.applied_grads[0]]
+        by_path = {v.path: v for v in self.model.trainable_variables}
+        specs: List[schema.TensorSpec] = []
+        if "input" in kinds:
+            specs += [_spec("input", n, t) for n, t in zip(input_names, inputs0)]
+        if "loss" in kinds and loss0 is not None:
+            specs.append(_spec("loss", "loss", loss0))
+        if "local_grad" in kinds:
+            # Backprop order: the last layer's gradient is computed first.
+            for k, _ in enumerate(capture.micro_steps[0]):
+                specs += [_spec("local_grad", p, by_path[p], variable=p, micro_step=k) for p in reversed(trainable)]
+            specs += [_spec("local_grad", p, capture.local_grads[0][p], variable=p) for p in reversed(applied)]
+        if "allreduced_grad" in kinds:
+            specs += [_spec("allreduced_grad", p, capture.applied_grads[0][p], variable=p) for p in applied]
+        if "optimizer_slot" in kinds:
+            specs.append(schema.TensorSpec("optimizer_slot", "learning_rate", (), "float32", slot="learning_rate"))
+            for name, owner, slot, v in self._optimizer_vars():
+                specs.append(_spec("optimizer_slot", name, v, variable=owner, slot=slot))
+        if "weight" in kinds:
+            specs += [_spec("weight", v.path, v, variable=v.path) for v in self.model.variables]
+        return specs
+
+    def _tensors_for_replica(self, i: int, inputs: Sequence[Any], loss: Any, lr: tf.Tensor,
+                             capture: StepCapture, *, after_update: bool = True) -> List[Any]:
+        """Tensors of local replica ``i`` in table order (reads variables after the update)."""
+        out = []
+        for spec in self.tensors:
+            out.append(self._tensor_of(spec, i, inputs, loss, lr, capture))
+        return out
+
+    def _tensor_of(self, spec, i, inputs, loss, lr, capture):
+        kind = spec.kind
+        if kind == "input":
+            return inputs[self._input_index[spec.name]]
+        if kind == "loss":
+            return loss
+        if kind == "local_grad":
+            if spec.micro_step >= 0:
+                return capture.micro_steps[i][spec.micro_step][self._trainable_index[spec.name]]
+            return capture.local_grads[i][spec.name]
+        if kind == "allreduced_grad":
+            return capture.applied_grads[i][spec.name]
+        if kind == "optimizer_slot" and spec.name == "learning_rate":
+            return lr
+        return self._read_component(self._variables[spec.key], i)
+
+    @staticmethod
+    def _read_component(var, i: int) -> tf.Tensor:
+        v = var.value if hasattr(var, "value") and not isinstance(var, tf.Variable) else var
+        comps = components(v)
+        comp = comps[i] if len(comps) > 1 else comps[0]
+        with tf.device(comp.device):
+            return comp.read_value()
+
+    # ------------------------------------------------------------- emission
+    @_no_autograph
+    def begin(self) -> Optional[StepCapture]:
+        """Called by ``run`` before the user's step; None when nothing is traced."""
+        if not self.enabled:
+            return None
+        if self.model is None:
+            raise CaptureError("call strategy.watch(model, optimizer) once after building them, "
+                               "before the first strategy.run")
+        _, _, n_local, _ = self._topology()
+        return StepCapture(n_local, self._var_paths)
+
+    @_no_autograph
+    def read_step(self) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Optimizer step and learning rate in effect, read before the update."""
+        return tf.cast(self.optimizer.iterations, tf.int64), self._learning_rate()
+
+    @_no_autograph
+    def emit(self, capture: StepCapture, step: tf.Tensor, lr: tf.Tensor, args, kwargs, result) -> None:
+        """Add the ops that fingerprint this step and hand it to the writers."""
+        if not capture.applied:
+            return  # this run() did not step the optimizer (e.g. an evaluation step)
+        trainable = [v.path for v in self.model.trainable_variables]
+        capture.check_complete(trainable)
+        _, _, n_local, _ = self._topology()
+        per_replica_inputs = []
+        per_replica_loss = []
+        for i in range(n_local):
+            structure = distribute_utils.select_replica(i, _input_structure(args, kwargs))
+            per_replica_inputs.append(tf.nest.flatten(structure))
+            loss = distribute_utils.select_replica(i, result) if result is not None else None
+            per_replica_loss.append(self._pick_loss(loss))
+        if self.tensors is None:
+            names = _input_names(_input_structure(args, kwargs))
+            with tf.init_scope():
+                self._start(per_replica_inputs[0], names, per_replica_loss[0], capture)
+        elif len(per_replica_inputs[0]) != len(self._input_index) and "input" in self.config.kinds:
+            raise CaptureError("the step was traced again with a different input structure; "
+                               "the trace's tensor table is fixed by the first step")
+        flat_fps, flat_full = [], []
+        for i in range(n_local):
+            tensors = self._tensors_for_replica(i, per_replica_inputs[i], per_replica_loss[i], lr, capture)
+            device = self._strategy.extended.worker_devices[i]
+            with tf.device(device):
+                flat_fps += fingerprint_all(tensors)
+            flat_full += tensors
+        self._add_callbacks(step, flat_fps, flat_full)
+
+    @staticmethod
+    def _pick_loss(value):
+        """The replica function's loss: its return value, or the first float scalar in it."""
+        for t in tf.nest.flatten(value):
+            if isinstance(t, (tf.Tensor, tf.Variable)) and t.dtype.is_floating and t.shape.rank == 0:
+                return t
+        return None
+
+    def _add_callbacks(self, step, flat_fps, flat_full) -> None:
+        def on_step(step_value, *fps):
+            self._write(int(step_value), fps, None)
+            return np.int64(0)
+
+        def on_step_full(step_value, *arrays):
+            n_fp = len(flat_fps)
+            self._write(int(step_value), arrays[:n_fp], arrays[n_fp:])
+            return np.int64(0)
+
+        if self.config.mode != "full":
+            tf.numpy_function(on_step, [step] + flat_fps, tf.int64, stateful=True, name="tracer_write_step")
+            return
+        cfg = self.config
+        wanted = tf.equal(tf.math.floormod(step - (cfg.full_window[0] if cfg.full_window else 0),
+                                           cfg.full_every), 0)
+        if cfg.full_window is not None:
+            wanted = tf.logical_and(wanted, tf.logical_and(step >= cfg.full_window[0], step <= cfg.full_window[1]))
+        full_inputs = [step] + flat_fps + flat_full
+        tf.cond(wanted,
+                lambda: tf.numpy_function(on_step_full, full_inputs, tf.int64, stateful=True,
+                                          name="tracer_write_full"),
+                lambda: tf.numpy_function(on_step, [step] + flat_fps, tf.int64, stateful=True,
+                                          name="tracer_write_step"))
+
+    def _write(self, step: int, fps: Sequence[np.ndarray], full: Optional[Sequence[np.ndarray]]) -> None:
+        n = len(self.tensors)
+        for i, writer in enumerate(self.writers):
+            vecs = fps[i * _N_STATS:(i + 1) * _N_STATS]
+            arrays = None
+            if full is not None:
+                # numpy_function may hand out views of TensorFlow buffers that are
+                # reused after we return; the writer thread needs its own copy.
+                arrays = [np.array(a, copy=True) for a in full[i * n:(i + 1) * n]]
+            writer.write_step(step, [np.asarray(v) for v in vecs], arrays)
+
+    # ------------------------------------------------------------- lifecycle
+    def _start(self, inputs0, input_names, loss0, capture: StepCapture) -> None:
+        """Build the table, open one writer per local replica, write the initial snapshot."""
+        self._input_index = {n: k for k, n in enumerate(input_names)}
+        self._trainable_index = {v.path: k for k, v in enumerate(self.model.trainable_variables)}
+        self.tensors = self._build_table(inputs0, input_names, loss0, capture)
+        self._variables: Dict[Tuple[str, str, int], Any] = {}
+        for name, _, _, v in self._optimizer_vars():
+            self._variables[("optimizer_slot", name, -1)] = v
+        for v in self.model.variables:
+            self._variables[("weight", v.path, -1)] = v
+        worker, n_workers, n_local, n_sync = self._topology()
+        attrs = self._attrs(worker, n_workers, n_local, n_sync)
+        initial_cols = [c for c, t in enumerate(self.tensors) if t.key in self._variables]
+        step0 = int(self.optimizer.iterations.numpy())
+        os.makedirs(self.trace_dir, exist_ok=True)
+        for i in range(n_local):
+            replica = worker * n_local + i
+            path = os.path.join(self.trace_dir, schema.replica_file_name(replica))
+            writer = TraceWriter(path, self.tensors, config=self.config, initial_columns=initial_cols,
+                                 attrs={**attrs, schema.ATTR_REPLICA: replica, schema.ATTR_LOCAL_REPLICA: i,
+                                        "device": self._strategy.extended.worker_devices[i]})
+            self.writers.append(writer)
+            initial = [self._read_component(self._variables[self.tensors[c].key], i) for c in initial_cols]
+            with tf.device(self._strategy.extended.worker_devices[i]):
+                fps = [t.numpy() for t in fingerprint_all(initial)]
+            full = [t.numpy() for t in initial]
+            writer.write_initial(step0, fps, full)
+
+    def _attrs(self, worker: int, n_workers: int, n_local: int, n_sync: int) -> Dict[str, Any]:
+        strategy = self._strategy
+        ext = strategy.extended
+        comm = getattr(getattr(ext, "_communication_options", None), "implementation", None)
+        cross = getattr(ext, "_cross_device_ops", None)
+        opt_config = {}
+        try:
+            opt_config = json.loads(json.dumps(self.optimizer.get_config(), default=str))
+        except (TypeError, ValueError, NotImplementedError):
+            pass
+        run_key = json.dumps([self.trace_dir, n_sync, os.environ.get("TF_CONFIG", "")], sort_keys=True)
+        attrs = {
+            **environment.collect(),
+            schema.ATTR_RUN_ID: hashlib.sha256(run_key.encode()).hexdigest()[:16],
+            schema.ATTR_WORKER: worker,
+            schema.ATTR_NUM_WORKERS: n_workers,
+            schema.ATTR_NUM_REPLICAS: n_sync,
+            "replicas_per_worker": n_local,
+            "strategy": type(strategy).__name__,
+            "communication": str(comm.name if hasattr(comm, "name") else comm or ""),
+            "cross_device_ops": type(cross).__name__ if cross is not None else "",
+            "optimizer": opt_config,
+            "optimizer_class": type(self.optimizer).__name__,
+            "seeds": {k: ("none" if v is None else v) for k, v in self.seeds.items()},
+            "capture": self.config.to_dict(),
+            "run": self.run_info,
+            "pid": os.getpid(),
+        }
+        return attrs
+
+    def close(self) -> None:
+        """Flush and close every writer; idempotent. Raises the first write error."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        first_error = None
+        for writer in self.writers:
+            try:
+                writer.close()
+            except Exception as exc:  # noqa: BLE001 - close the others, then raise
+                first_error = first_error or exc
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # noqa: BLE001
+            pass
+        if first_error is not None:
+            raise first_error
