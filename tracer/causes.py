@@ -42,8 +42,8 @@ CAUSES: Dict[str, Cause] = {c.name: c for c in (
           "`iteration` slots show both)."),
     Cause("replica_desync",
           "Inside one run, replicas disagree on values that every replica must hold identically.",
-          "Run `python -m tracer.check RUN_DIR` on each run; look for per-replica randomness, non-synchronized "
-          "variables or a replica that skipped a step."),
+          "Look for per-replica randomness (unseeded dropout or RNG), variables created outside the strategy "
+          "scope or a replica that skipped a step; `python -m tracer.check RUN_DIR` checks one run."),
     Cause("nonfinite",
           "A NaN or Inf appears, and the divergence starts with it.",
           "Look at the tensor named here in the run that has the NaN/Inf: lower the learning rate, check the "

@@ -26,11 +26,12 @@ MAX_TEXT_BYTES = 64 << 20
 
 def _open_h5(path: str) -> h5py.File:
     if not os.path.exists(path):
-        raise TraceFormatError(f"{path}: no such file")
+        raise TraceFormatError(f"{path}: no such file. Pass a trace file (replica-<N>.h5) or a run directory")
     if os.path.isdir(path):
         raise TraceFormatError(f"{path}: is a directory, expected a trace file (replica-<N>.h5)")
     if not h5py.is_hdf5(path):
-        raise TraceFormatError(f"{path}: not an HDF5 file (empty, truncated or another format)")
+        raise TraceFormatError(f"{path}: not an HDF5 file (empty, truncated or another format). "
+                               f"Pass a trace written by tracer")
     try:
         # SWMR read opens files whose writer was killed mid-run; clean files too.
         return h5py.File(path, "r", swmr=True)
@@ -38,7 +39,8 @@ def _open_h5(path: str) -> h5py.File:
         try:
             return h5py.File(path, "r")
         except (OSError, ValueError):
-            raise TraceFormatError(f"{path}: HDF5 file cannot be opened ({first}); it may be truncated or corrupt") \
+            raise TraceFormatError(f"{path}: HDF5 file cannot be opened ({first}); it may be truncated or "
+                                     f"corrupt. Capture the run again") \
                 from first
 
 
@@ -75,7 +77,8 @@ class TraceReader:
             raise
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             self.close()
-            raise TraceFormatError(f"{self.path}: corrupt trace ({type(exc).__name__}: {exc})") from exc
+            raise TraceFormatError(f"{self.path}: corrupt trace ({type(exc).__name__}: {exc}). "
+                                   f"Capture the run again") from exc
 
     # ------------------------------------------------------------- validation
     def _fail(self, message: str) -> TraceFormatError:
@@ -118,7 +121,7 @@ class TraceReader:
                 raise self._fail(f"root attribute {key!r} is unreadable ({exc})") from exc
         version = attrs.get(schema.ATTR_SCHEMA)
         if version is None:
-            raise self._fail("not a tracer trace (no schema_version attribute)")
+            raise self._fail("not a tracer trace (no schema_version attribute). Pass a trace written by tracer")
         if not isinstance(version, int) or isinstance(version, bool):
             raise self._fail(f"schema_version must be an integer, found {version!r}")
         if version != schema.SCHEMA_VERSION:
@@ -205,7 +208,8 @@ class TraceReader:
         try:
             return self._file[name][selection]
         except (OSError, ValueError, KeyError) as exc:
-            raise self._fail(f"reading /{name} failed ({exc}); the file may be truncated or corrupt") from exc
+            raise self._fail(f"reading /{name} failed ({exc}); the file may be truncated or corrupt. "
+                             f"Capture the run again") from exc
 
     def fingerprints(self, stat: str, start: int = 0, stop: Optional[int] = None,
                      columns: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -305,7 +309,8 @@ def find_replica_files(run_dir: str) -> List[str]:
         if m:
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
     if not found:
-        raise TraceFormatError(f"{run_dir}: no replica-<N>.h5 trace files in this directory")
+        raise TraceFormatError(f"{run_dir}: no replica-<N>.h5 trace files in this directory. Pass the --trace-dir "
+                               f"of a traced run")
     return [p for _, p in sorted(found)]
 
 
@@ -327,7 +332,8 @@ class Run:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
-            raise TraceFormatError(f"{self.path}: no such file or directory")
+            raise TraceFormatError(f"{self.path}: no such file or directory. Pass a trace file (replica-<N>.h5) or "
+                                   f"a run directory")
         files = find_replica_files(self.path) if os.path.isdir(self.path) else [self.path]
         self.readers: List[TraceReader] = []
         self.notes: List[str] = []

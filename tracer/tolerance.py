@@ -42,6 +42,8 @@ class Verdict:
     threshold: float
 
     def text(self) -> str:
+        if isinstance(self.value, str):
+            return f"{self.metric} {self.value} (threshold: {_fmt(self.threshold)})"
         op = ">" if self.beyond else "<="
         return f"{self.metric} = {_fmt(self.value)} {op} {_fmt(self.threshold)}"
 
@@ -111,9 +113,9 @@ class Tolerance:
         """Judge one tensor's difference (``diff`` of a tensor whose bits differ)."""
         threshold = self.threshold(dtype, noise)
         if self.mode == "bitwise":
-            value = diff.n_diff if diff.n_diff is not None else "hash differs"
-            return Verdict(True, self.metric_name() if diff.n_diff is not None else "fingerprint hash", value,
-                           "identical" if diff.n_diff is None else 0)
+            if diff.n_diff is None:
+                return Verdict(True, "fingerprint hash", "differs", "identical bits")
+            return Verdict(True, "n_diff (differing elements)", diff.n_diff, 0)
         value = {"ulp": diff.max_ulp, "allclose": diff.excess, "auto": diff.max_rel,
                  "noise": diff.max_rel}[self.mode]
         strict_bits = self.mode == "noise" and (noise is None or noise < 0) or (

@@ -1,0 +1,137 @@
+"""Build real trace files (real TraceWriter, real HDF5) from numpy arrays, with planted differences.
+
+The truth is known by construction: a :class:`Plant` changes one tensor at one
+step on one replica, and (unless ``persist=False``) everything the change flows
+into: later tensors of the same step in dataflow order (local kinds on the same
+replica only, global kinds on every replica) and every tensor of later steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from tracer import schema
+from tracer.config import CaptureConfig
+from tracer.hashing import fingerprint
+from tracer.schema import TensorSpec
+from tracer.writer import TraceWriter
+
+VARIABLES = (("dense/kernel", (4, 3)), ("dense/bias", (3,)), ("out/kernel", (3, 2)))
+
+
+def model_tensors(variables=VARIABLES, dtype="float32", batch=(8, 4), accumulate=0) -> List[TensorSpec]:
+    """The tensor table of a small model, in the capture side's dataflow order."""
+    t = [TensorSpec("input", "batch[0]", batch, dtype), TensorSpec("loss", "loss", (), dtype)]
+    backprop = list(reversed(variables))
+    for k in range(accumulate):
+        t += [TensorSpec("local_grad", n, s, dtype, variable=n, micro_step=k) for n, s in backprop]
+    t += [TensorSpec("local_grad", n, s, dtype, variable=n) for n, s in backprop]
+    t += [TensorSpec("allreduced_grad", n, s, dtype, variable=n) for n, s in backprop]
+    t += [TensorSpec("optimizer_slot", f"{n}/momentum", s, dtype, variable=n, slot="momentum") for n, s in variables]
+    t += [TensorSpec("optimizer_slot", "iteration", (), "int64"),
+          TensorSpec("optimizer_slot", "learning_rate", (), dtype)]
+    t += [TensorSpec("weight", n, s, dtype, variable=n) for n, s in variables]
+    return t
+
+
+@dataclasses.dataclass
+class Plant:
+    """A planted difference: multiply ``(kind, name)`` at ``step`` on ``replica`` by ``1 + rel``.
+
+    ``replica=None`` changes every replica. ``initial=True`` plants in the
+    snapshot before the first update. ``value`` replaces one element instead
+    (e.g. ``np.nan``). ``persist=False`` changes only that one tensor.
+    """
+
+    step: int
+    kind: str
+    name: str
+    replica: Optional[int] = 0
+    rel: float = 1e-3
+    value: Optional[float] = None
+    persist: bool = True
+    initial: bool = False
+
+
+def _base(spec: TensorSpec, step: int, replica: int, seed: int, initial: bool = False) -> np.ndarray:
+    per_replica = spec.kind not in schema.GLOBAL_KINDS
+    key = f"{seed}|{spec.kind}|{spec.name}|{spec.micro_step}|{step}|{replica if per_replica else -1}|{initial}"
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    if spec.name == "iteration":
+        return np.asarray(step + (0 if initial else 1), dtype=np.int64)
+    x = rng.standard_normal(spec.shape) + 0.5
+    return np.asarray(x, dtype=spec.dtype)
+
+
+def _affected(plant: Plant, specs: Sequence[TensorSpec], j: int, step: int, replica: int, initial: bool) -> int:
+    """0: untouched; 1: the planted tensor itself; 2: downstream of it."""
+    spec = specs[j]
+    target = next(i for i, s in enumerate(specs) if (s.kind, s.name) == (plant.kind, plant.name))
+    on_replica = plant.replica is None or plant.replica == replica
+    if plant.initial:
+        if initial:
+            return 1 if j == target and on_replica else 0
+        return 2 if plant.persist else 0
+    if initial:
+        return 0
+    if step == plant.step and j == target and on_replica:
+        return 1
+    if not plant.persist:
+        return 0
+    if step > plant.step:
+        return 2
+    if step == plant.step and j > target:
+        if spec.kind in schema.GLOBAL_KINDS:
+            return 2
+        return 2 if on_replica else 0
+    return 0
+
+
+def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
+    x = _base(specs[j], step, replica, seed, initial)
+    for plant in plants:
+        hit = _affected(plant, specs, j, step, replica, initial)
+        if not hit or specs[j].name == "iteration":
+            continue
+        if hit == 1 and plant.value is not None:
+            x = x.copy()
+            x.reshape(-1)[0] = plant.value
+        elif hit == 1 or x.dtype.kind == "f":
+            x = (x * (1 + plant.rel)).astype(x.dtype) if x.dtype.kind == "f" else x + 1
+    return x
+
+
+def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[Plant] = (), seed: int = 0,
+              tensors: Optional[Sequence[TensorSpec]] = None, first_step: int = 0, full: bool = False,
+              full_every: int = 1, attrs: Optional[Dict] = None, run_id: str = "run") -> str:
+    """Write ``replicas`` trace files into ``run_dir``; returns ``run_dir``."""
+    specs = list(tensors or model_tensors())
+    config = CaptureConfig(mode="full" if full else "fingerprint", full_every=full_every)
+    base_attrs = {"versions": {"tensorflow": "2.16.1", "numpy": np.__version__},
+                  "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "seeds": {"weights": seed}, "strategy": "MirroredStrategy",
+                  "xla": False, "op_determinism": True}
+    base_attrs.update(attrs or {})
+    os.makedirs(run_dir, exist_ok=True)
+    for r in range(replicas):
+        a = dict(base_attrs, replica=r, num_replicas=replicas, run_id=run_id, initial_step=first_step)
+        path = os.path.join(run_dir, schema.replica_file_name(r))
+        with TraceWriter(path, specs, attrs=a, config=config) as w:
+            cols = w.initial_columns
+            init = [_value(specs, j, first_step, r, seed, plants, initial=True) for j in cols]
+            w.write_initial(first_step, _stack([fingerprint(x) for x in init]), init if full else None)
+            for s in range(first_step, first_step + steps):
+                vals = [_value(specs, j, s, r, seed, plants) for j in range(len(specs))]
+                w.write_step(s, _stack([fingerprint(x) for x in vals]),
+                             vals if config.wants_full(s) else None)
+    return str(run_dir)
+
+
+def _stack(fps) -> List[np.ndarray]:
+    cols = list(zip(*fps))
+    return [np.array([int(h) for h in cols[0]], dtype=np.uint64)] + [
+        np.array(c, dtype=d) for c, (_, d) in zip(cols[1:], schema.STATS[1:])]
