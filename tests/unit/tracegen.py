@@ -56,6 +56,8 @@ class Plant:
     value: Optional[float] = None
     persist: bool = True
     initial: bool = False
+    index: Optional[int] = None
+    """Flat index of the one element to change (default: every element, or element 0 for ``value``)."""
 
 
 def _base(spec: TensorSpec, step: int, replica: int, seed: int, initial: bool = False) -> np.ndarray:
@@ -100,7 +102,11 @@ def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
             continue
         if hit == 1 and plant.value is not None:
             x = x.copy()
-            x.reshape(-1)[0] = plant.value
+            x.reshape(-1)[plant.index or 0] = plant.value
+        elif hit == 1 and plant.index is not None:
+            x = x.copy()
+            flat = x.reshape(-1)
+            flat[plant.index] = flat[plant.index] * (1 + plant.rel)
         elif hit == 1 or x.dtype.kind == "f":
             x = (x * (1 + plant.rel)).astype(x.dtype) if x.dtype.kind == "f" else x + 1
     return x
@@ -108,9 +114,19 @@ def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
 
 def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[Plant] = (), seed: int = 0,
               tensors: Optional[Sequence[TensorSpec]] = None, first_step: int = 0, full: bool = False,
-              full_every: int = 1, attrs: Optional[Dict] = None, run_id: str = "run") -> str:
-    """Write ``replicas`` trace files into ``run_dir``; returns ``run_dir``."""
+              full_every: int = 1, attrs: Optional[Dict] = None, run_id: str = "run",
+              reverse_columns: bool = False) -> str:
+    """Write ``replicas`` trace files into ``run_dir``; returns ``run_dir``.
+
+    ``tensors`` are in dataflow order; ``reverse_columns`` writes the kinds in
+    reverse order, and the all-reduce input before the micro-steps, so the
+    analyzer cannot rely on the file's column order. (Order *inside* a kind is
+    the capture side's backprop order, part of the contract, and is kept.)
+    """
     specs = list(tensors or model_tensors())
+    order = list(range(len(specs)))
+    if reverse_columns:
+        order.sort(key=lambda i: (-schema.KIND_ORDER[specs[i].kind], specs[i].micro_step >= 0, i))
     config = CaptureConfig(mode="full" if full else "fingerprint", full_every=full_every)
     base_attrs = {"versions": {"tensorflow": "2.16.1", "numpy": np.__version__},
                   "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "seeds": {"weights": seed}, "strategy": "MirroredStrategy",
@@ -120,12 +136,12 @@ def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[P
     for r in range(replicas):
         a = dict(base_attrs, replica=r, num_replicas=replicas, run_id=run_id, initial_step=first_step)
         path = os.path.join(run_dir, schema.replica_file_name(r))
-        with TraceWriter(path, specs, attrs=a, config=config) as w:
+        with TraceWriter(path, [specs[j] for j in order], attrs=a, config=config) as w:
             cols = w.initial_columns
-            init = [_value(specs, j, first_step, r, seed, plants, initial=True) for j in cols]
+            init = [_value(specs, order[c], first_step, r, seed, plants, initial=True) for c in cols]
             w.write_initial(first_step, _stack([fingerprint(x) for x in init]), init if full else None)
             for s in range(first_step, first_step + steps):
-                vals = [_value(specs, j, s, r, seed, plants) for j in range(len(specs))]
+                vals = [_value(specs, j, s, r, seed, plants) for j in order]
                 w.write_step(s, _stack([fingerprint(x) for x in vals]),
                              vals if config.wants_full(s) else None)
     return str(run_dir)
