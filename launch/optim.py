@@ -1,81 +1,77 @@
-"""Optimizers and learning-rate schedules of the reference job.
+"""Optimizers and learning-rate schedules of the reference job, chosen by flag.
 
 Divergence scenarios often come down to one optimizer detail (epsilon, a
-momentum term, a learning-rate change at step k), so each is a flag.
+momentum term, a learning-rate change at step k), so each is a flag. The
+validation here is pure Python, so that ``train.py`` rejects a bad flag before
+it starts TensorFlow; only :func:`build_optimizer` imports Keras.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
-
-import keras
+from typing import Optional, Tuple
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov", "rmsprop", "adagrad")
+_NO_EPSILON = ("sgd", "momentum", "nesterov")
 
 
-class StepChange(keras.optimizers.schedules.LearningRateSchedule):
-    """``lr`` before optimizer step ``at_step``, ``new_lr`` from it on.
+def parse_schedule_spec(text: str) -> Optional[Tuple[int, float]]:
+    """Parses ``--lr-schedule``: ``"constant"`` gives ``None``, ``"step:K:LR"`` gives ``(K, LR)``.
 
-    Steps are the optimizer's iteration counter before the update, the
-    numbering the trace uses: ``StepChange(1e-3, 10, 1e-4)`` applies 1e-4 in
-    the update the trace records as step 10.
+    Raises:
+        ValueError: If ``text`` is neither form.
     """
-
-    def __init__(self, lr: float, at_step: int, new_lr: float):
-        self.lr = float(lr)
-        self.at_step = int(at_step)
-        self.new_lr = float(new_lr)
-
-    def __call__(self, step):
-        step = keras.ops.convert_to_tensor(step)
-        return keras.ops.where(step >= self.at_step, self.new_lr, self.lr)
-
-    def get_config(self):
-        return {"lr": self.lr, "at_step": self.at_step, "new_lr": self.new_lr}
-
-
-def parse_schedule(text: str, lr: float):
-    """``"constant"`` gives ``lr``; ``"step:K:LR2"`` gives :class:`StepChange` ``(lr, K, LR2)``."""
     if text == "constant":
-        return lr
-    m = re.fullmatch(r"step:(\d+):([0-9.eE+-]+)", text)
-    if not m:
-        raise ValueError("--lr-schedule must be 'constant' or 'step:K:LR' (use learning rate LR from "
-                         f"optimizer step K on, e.g. step:10:1e-4). Received: {text!r}")
+        return None
+    m = re.fullmatch(r"step:(\d+):(.+)", text)
     try:
-        new_lr = float(m.group(2))
+        new_lr = float(m.group(2)) if m else None
     except ValueError:
-        raise ValueError(f"--lr-schedule: {m.group(2)!r} is not a number. Received: {text!r}") from None
-    if new_lr < 0:
-        raise ValueError(f"--lr-schedule: the new learning rate must be >= 0. Received: {text!r}")
-    return StepChange(lr, int(m.group(1)), new_lr)
+        new_lr = None
+    if new_lr is None or not new_lr >= 0:
+        raise ValueError("--lr-schedule must be 'constant' or 'step:K:LR' (learning rate LR >= 0 from "
+                         f"optimizer step K on, e.g. step:10:1e-4). Received: {text!r}")
+    return int(m.group(1)), new_lr
 
 
-def build_optimizer(name: str, *, lr: float, schedule: str = "constant",
-                    epsilon: Optional[float] = None) -> keras.optimizers.Optimizer:
-    """A Keras 3 optimizer by name.
+def check_optimizer_flags(name: str, *, lr: float, schedule: str = "constant",
+                          epsilon: Optional[float] = None) -> None:
+    """Raises ``ValueError`` naming the flag if the combination cannot be built."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0. Received: {lr}")
+    parse_schedule_spec(schedule)
+    if epsilon is not None and name in _NO_EPSILON:
+        raise ValueError(f"--adam-epsilon does not apply to --optimizer {name}; use adam, adamw, rmsprop or "
+                         f"adagrad. Received: --adam-epsilon {epsilon}")
+    if epsilon is not None and not epsilon > 0:
+        raise ValueError(f"--adam-epsilon must be > 0. Received: {epsilon}")
+
+
+def build_optimizer(name: str, *, lr: float, schedule: str = "constant", epsilon: Optional[float] = None):
+    """A Keras 3 optimizer by name; create it inside ``strategy.scope()``.
 
     Args:
         name: One of ``OPTIMIZERS``; ``momentum`` is SGD with momentum 0.9,
             ``nesterov`` the same with Nesterov momentum.
         lr: Learning rate (before any schedule change).
-        schedule: See :func:`parse_schedule`.
+        schedule: ``"constant"`` or ``"step:K:LR"`` (see
+            :class:`launch.schedules.StepChange`).
         epsilon: Epsilon of adam, adamw, rmsprop and adagrad (``None`` keeps
             Keras' default).
 
     Raises:
-        ValueError: On an unknown name, a bad schedule, or an epsilon given to
-            an optimizer that has none.
+        ValueError: See :func:`check_optimizer_flags`.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}. Received: {name!r}")
-    if not lr > 0:
-        raise ValueError(f"--lr must be > 0. Received: {lr}")
-    learning_rate = parse_schedule(schedule, lr)
+    check_optimizer_flags(name, lr=lr, schedule=schedule, epsilon=epsilon)
+    import keras  # deferred: importing Keras starts TensorFlow
+
+    from launch.schedules import StepChange
+
+    spec = parse_schedule_spec(schedule)
+    learning_rate = lr if spec is None else StepChange(lr, *spec)
     eps = {} if epsilon is None else {"epsilon": float(epsilon)}
-    if epsilon is not None and name in ("sgd", "momentum", "nesterov"):
-        raise ValueError(f"--adam-epsilon does not apply to --optimizer {name}. Received: {epsilon}")
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, **eps)
     if name == "adamw":

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence
 
 from launch import data as data_lib
 from launch import tf_config
-from launch.optim import OPTIMIZERS
+from launch import optim
 
 CAPTURE_MODES = ("off", "fingerprint", "full")
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="weight-initialization seed")
     g.add_argument("--shuffle-seed", type=_shuffle_seed, default=2, metavar="INT|none",
                    help="data-order seed; 'none' draws a fresh one (shared by all workers)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    g.add_argument("--optimizer", choices=optim.OPTIMIZERS, default="adam")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--lr-schedule", default="constant", metavar="constant|step:K:LR",
                    help="step:K:LR switches to learning rate LR from optimizer step K on")
@@ -182,7 +182,16 @@ def _configure_devices(tf, args, multi_worker: bool, local_rank: int) -> List[st
         # N logical devices on the one physical CPU: the way to run a real
         # MirroredStrategy with N replicas on a machine without GPUs.
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        except RuntimeError:
+            # The runtime is already up (main() called twice in one process,
+            # e.g. by tests); its devices are fixed, so use them if enough.
+            have = len(tf.config.list_logical_devices("CPU"))
+            if have < n:
+                raise UsageError(f"--replicas {n} needs {n} logical CPUs, but TensorFlow was already "
+                                 f"initialized in this process with {have}. Run the job in a fresh "
+                                 "process.") from None
     return [f"/cpu:{i}" for i in range(n)]
 
 
@@ -237,6 +246,12 @@ def _shared_choices(args, launcher, world):
     return world.bcast(choices) if world is not None else choices
 
 
+def _check_batch(batch_size: int, num_replicas: int) -> None:
+    if batch_size % num_replicas:
+        raise UsageError(f"--batch-size must be divisible by the {num_replicas} replicas, so that each replica "
+                         f"gets an equal slice. Received: --batch-size {batch_size}")
+
+
 def _load_data(path: Optional[str]):
     try:
         return data_lib.load(path)
@@ -270,7 +285,9 @@ def _fail_hook(rank: int):
 def _program() -> str:
     """How this job was started, for the command lines printed at the end."""
     if os.path.basename(sys.argv[0]) == "train.py":
-        return "python " + shlex.quote(os.path.relpath(os.path.abspath(sys.argv[0])))
+        path = os.path.abspath(sys.argv[0])
+        rel = os.path.relpath(path)
+        return "python " + shlex.quote(path if rel.startswith("..") else rel)
     return "python -m launch.train"
 
 
@@ -300,6 +317,11 @@ def run(args, argv: List[str], launcher, world) -> int:
     multi_worker = num_workers > 1 or args.multi_worker
     is_chief = rank == 0
 
+    try:
+        optim.check_optimizer_flags(args.optimizer, lr=args.lr, schedule=args.lr_schedule,
+                                    epsilon=args.adam_epsilon)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     dataset = _load_data(args.data)
     trace_dir, shuffle_seed = _shared_choices(args, launcher, world)
 
@@ -307,9 +329,11 @@ def run(args, argv: List[str], launcher, world) -> int:
     import keras
 
     from launch.model import build_model
-    from launch.optim import build_optimizer
 
     devices = _configure_devices(tf, args, multi_worker, local_rank)
+    # Checked before the strategy exists, so that a bad flag leaves no trace
+    # files behind; a multi-worker job has one replica per worker.
+    _check_batch(args.batch_size, len(devices) if not multi_worker else num_workers)
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     if multi_worker:
@@ -317,7 +341,7 @@ def run(args, argv: List[str], launcher, world) -> int:
 
     seeds = {"weights": args.seed, "shuffle": shuffle_seed}
     run_info = {
-        "command_line": [sys.executable] + sys.argv,
+        "command_line": [sys.executable] + sys.argv[:1] + argv,
         "launcher": launcher.kind,
         "data": dataset.source,
         "data_sha256": dataset.sha256,
@@ -333,17 +357,12 @@ def run(args, argv: List[str], launcher, world) -> int:
     strategy = _make_strategy(tf, args, multi_worker, devices, trace_dir, seeds, run_info)
     try:
         num_replicas = strategy.num_replicas_in_sync
-        if args.batch_size % num_replicas:
-            raise UsageError(f"--batch-size must be divisible by the {num_replicas} replicas, so that each "
-                             f"replica gets an equal slice. Received: --batch-size {args.batch_size}")
-        try:
-            with strategy.scope():
-                model = build_model(dataset.num_features, dataset.num_classes, seed=args.seed)
-                optimizer = build_optimizer(args.optimizer, lr=args.lr, schedule=args.lr_schedule,
-                                            epsilon=args.adam_epsilon)
-                optimizer.build(model.trainable_variables)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+        _check_batch(args.batch_size, num_replicas)
+        with strategy.scope():
+            model = build_model(dataset.num_features, dataset.num_classes, seed=args.seed)
+            optimizer = optim.build_optimizer(args.optimizer, lr=args.lr, schedule=args.lr_schedule,
+                                              epsilon=args.adam_epsilon)
+            optimizer.build(model.trainable_variables)
         traced = not args.no_trace
         if traced:
             strategy.watch(model, optimizer)
