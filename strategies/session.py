@@ -76,7 +76,8 @@ class TraceSession:
 
     def __init__(self, strategy, trace_dir: str, config: CaptureConfig, seeds: Optional[Dict[str, Any]],
                  run_info: Optional[Dict[str, Any]]):
-        self._strategy = weakref.proxy(strategy)
+        self._strategy = weakref.proxy(strategy)  # the strategy owns the session, not the reverse
+        self._strategy_name = type(strategy).__name__
         self.trace_dir = os.path.abspath(os.fspath(trace_dir))
         self.config = config
         self.seeds = dict(seeds or {})
@@ -348,7 +349,7 @@ class TraceSession:
             schema.ATTR_NUM_WORKERS: n_workers,
             schema.ATTR_NUM_REPLICAS: n_sync,
             "replicas_per_worker": n_local,
-            "strategy": type(strategy).__name__,
+            "strategy": self._strategy_name,
             "communication": str(comm.name if hasattr(comm, "name") else comm or ""),
             "cross_device_ops": type(cross).__name__ if cross is not None else "",
             "optimizer": opt_config,

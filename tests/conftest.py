@@ -1,0 +1,41 @@
+"""Shared fixtures. Unit tests stay free of TensorFlow; integration tests opt in with `tf_cpus`."""
+
+import gc
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+N_LOGICAL_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def tf_cpus():
+    """TensorFlow with the host CPU split into 4 logical devices; returns their names."""
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * N_LOGICAL_CPUS)
+    except RuntimeError:
+        pass  # already initialised by an earlier test in this process
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_writers():
+    """Every TraceWriter a test opens must be closed by the end of the test."""
+    yield
+    import sys
+
+    if "tracer.writer" not in sys.modules:
+        return
+    from tracer.writer import TraceWriter
+
+    gc.collect()
+    leaked = [o for o in gc.get_objects() if type(o) is TraceWriter and not o._closed]
+    for writer in leaked:
+        writer.close()
+    assert not leaked, f"test left trace writers open: {leaked}"

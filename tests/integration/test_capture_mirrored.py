@@ -1,0 +1,157 @@
+"""Capture under a real MirroredStrategy on logical CPU devices."""
+
+import numpy as np
+import pytest
+
+from tests.integration import training
+from tracer import CaptureConfig, TraceReader
+from tracer.schema import GLOBAL_KINDS, KIND_ORDER
+
+pytestmark = pytest.mark.tf
+
+
+def _traced(tf_cpus, trace_dir, n=2, **capture):
+    from strategies import TracedMirroredStrategy
+
+    return TracedMirroredStrategy(tf_cpus[:n], trace_dir=str(trace_dir), capture=CaptureConfig(**capture),
+                                  seeds={"weights": 1})
+
+
+def _hashes(path):
+    with TraceReader(path) as r:
+        return r.tensors, r.steps(), r.fingerprints("hash")
+
+
+def test_one_file_per_replica_with_every_kind_in_dataflow_order(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path), steps=3)
+    paths = training.files(tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["replica-0.h5", "replica-1.h5"]
+    with TraceReader(paths[1]) as r:
+        assert r.replica == 1 and r.num_replicas == 2 and r.complete
+        assert list(r.steps()) == [0, 1, 2]
+        assert r.initial_step == 0
+        kinds = [t.kind for t in r.tensors]
+        assert set(kinds) == set(KIND_ORDER)
+        assert kinds == sorted(kinds, key=KIND_ORDER.get)
+        names = {t.name for t in r.tensors if t.kind == "optimizer_slot"}
+        assert {"iteration", "learning_rate", "mlp/hidden/kernel/momentum",
+                "mlp/hidden/kernel/velocity"} <= names
+        # The iteration counter after update s is s + 1.
+        col = r.column(("optimizer_slot", "iteration", -1))
+        assert r.attrs["strategy"] == "TracedMirroredStrategy"
+        assert "versions.tensorflow" in r.attrs and "env.TF_CPP_MIN_LOG_LEVEL" in r.attrs
+        assert r.fingerprints("l2", columns=[col])[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_replicas_agree_on_global_kinds_and_differ_on_local_ones(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path), steps=3)
+    (tensors, _, h0), (_, _, h1) = (_hashes(p) for p in training.files(tmp_path))
+    equal = (h0 == h1).all(axis=0)
+    for t, eq in zip(tensors, equal):
+        if t.kind in GLOBAL_KINDS:
+            assert eq, f"{t.kind} {t.name} differs between replicas"
+        elif t.kind in ("input", "local_grad"):
+            assert not eq, f"{t.kind} {t.name} is identical on both replicas: shards not captured per replica"
+
+
+def test_two_runs_with_the_same_seeds_are_bitwise_identical(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path / "a"), steps=4)
+    training.train(_traced(tf_cpus, tmp_path / "b"), steps=4)
+    for pa, pb in zip(training.files(tmp_path / "a"), training.files(tmp_path / "b")):
+        ta, sa, ha = _hashes(pa)
+        tb, sb, hb = _hashes(pb)
+        assert ta == tb and list(sa) == list(sb)
+        np.testing.assert_array_equal(ha, hb)
+
+
+@pytest.mark.parametrize("mode", ["fingerprint", "full"])
+def test_tracing_does_not_change_training(tf_cpus, tmp_path, mode):
+    import tensorflow as tf
+
+    untraced = training.train(tf.distribute.MirroredStrategy(tf_cpus[:2]), steps=5)
+    traced = training.train(_traced(tf_cpus, tmp_path, mode=mode), steps=5)
+    assert untraced.keys() == traced.keys()
+    for path in untraced:
+        assert untraced[path].tobytes() == traced[path].tobytes(), f"{path} changed under tracing ({mode})"
+
+
+def test_full_tensors_follow_the_schedule_and_match_fingerprints(tf_cpus, tmp_path):
+    from tracer.hashing import tensor_hash
+
+    training.train(_traced(tf_cpus, tmp_path, mode="full", full_every=2, full_window=(1, 5)), steps=6)
+    with TraceReader(training.files(tmp_path)[0]) as r:
+        assert list(r.full_steps()) == [1, 3, 5]
+        hashes = r.fingerprints("hash")
+        for col, spec in enumerate(r.tensors):
+            value = r.full(col, 3)
+            assert value is not None and value.shape == spec.shape
+            assert tensor_hash(value) == int(hashes[3, col]), f"{spec.kind} {spec.name}"
+        assert r.full(0, 2) is None
+
+
+def test_adam_step_recomputed_in_numpy_matches_the_traced_weights(tf_cpus, tmp_path):
+    """The traced all-reduced gradient, slots and weights are the values Adam applied."""
+    training.train(_traced(tf_cpus, tmp_path, mode="full"), steps=3, optimizer="adam", lr=1e-2)
+    with TraceReader(training.files(tmp_path)[0]) as r:
+        lr = np.float32(r.full(r.column(("optimizer_slot", "learning_rate", -1)), 2))
+        b1, b2, eps = np.float32(0.9), np.float32(0.999), np.float32(1e-7)
+        path = "mlp/hidden/kernel"
+        get = lambda kind, name, step: r.full(r.column((kind, name, -1)), step)  # noqa: E731
+        for step in (1, 2):
+            g = get("allreduced_grad", path, step)
+            m0, v0 = get("optimizer_slot", f"{path}/momentum", step - 1), get("optimizer_slot", f"{path}/velocity",
+                                                                             step - 1)
+            w0 = get("weight", path, step - 1)
+            t = np.float32(step + 1)
+            alpha = lr * np.sqrt(np.float32(1) - b2 ** t) / (np.float32(1) - b1 ** t)
+            # Keras computes 1 - beta in Python (float64), then casts to float32.
+            m = m0 + (g - m0) * np.float32(1 - 0.9)
+            v = v0 + (np.square(g) - v0) * np.float32(1 - 0.999)
+            w = w0 - (m * alpha) / (np.sqrt(v) + eps)
+            np.testing.assert_array_equal(m, get("optimizer_slot", f"{path}/momentum", step))
+            np.testing.assert_array_equal(v, get("optimizer_slot", f"{path}/velocity", step))
+            np.testing.assert_array_max_ulp(w, get("weight", path, step), maxulp=1)
+            # And the applied gradient is the sum of the replicas' local gradients.
+            with TraceReader(training.files(tmp_path)[1]) as r1:
+                local = get("local_grad", path, step) + r1.full(r1.column(("local_grad", path, -1)), step)
+            np.testing.assert_allclose(g, local, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_accumulation_records_micro_steps(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path, mode="full"), steps=2, accumulate=2)
+    with TraceReader(training.files(tmp_path)[0]) as r:
+        micro = sorted({t.micro_step for t in r.tensors if t.kind == "local_grad"})
+        assert micro == [-1, 0, 1]
+        path = "mlp/hidden/kernel"
+        total = r.full(r.column(("local_grad", path, 0)), 1) + r.full(r.column(("local_grad", path, 1)), 1)
+        np.testing.assert_array_equal(total, r.full(r.column(("local_grad", path, -1)), 1))
+
+
+def test_xla_compiled_replica_computation_is_traced_without_changing_it(tf_cpus, tmp_path):
+    import tensorflow as tf
+
+    untraced = training.train(tf.distribute.MirroredStrategy(tf_cpus[:2]), steps=3, xla=True)
+    traced = training.train(_traced(tf_cpus, tmp_path), steps=3, xla=True)
+    for path in untraced:
+        assert untraced[path].tobytes() == traced[path].tobytes()
+    with TraceReader(training.files(tmp_path)[0]) as r:
+        assert any(t.kind == "local_grad" for t in r.tensors) and r.n_steps == 3
+
+
+def test_momentum_slots_map_to_their_variables(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path), steps=2, optimizer="momentum")
+    with TraceReader(training.files(tmp_path)[0]) as r:
+        slots = {t.name: (t.variable, t.slot) for t in r.tensors if t.kind == "optimizer_slot"}
+    assert slots["mlp/hidden/bias/momentum"] == ("mlp/hidden/bias", "momentum")
+
+
+def test_run_without_watch_is_a_clear_error(tf_cpus, tmp_path):
+    from tracer.errors import CaptureError
+
+    with pytest.raises(CaptureError, match="strategy.watch"):
+        training.train(_traced(tf_cpus, tmp_path), steps=1, watch=False)
+
+
+def test_capture_off_writes_nothing(tf_cpus, tmp_path):
+    training.train(_traced(tf_cpus, tmp_path / "t", mode="off"), steps=2)
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,82 @@
+"""A tutorial-shaped custom training loop used by the capture tests."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+
+def dataset(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features)).astype(np.float32)
+    y = rng.integers(0, classes, n).astype(np.int64)
+    return x, y
+
+
+def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = "adam", lr=1e-2,
+          seed: int = 1, accumulate: int = 1, xla: bool = False, watch: bool = True,
+          on_replica_grads: Optional[Callable] = None, data=None) -> Dict[str, np.ndarray]:
+    """Runs `steps` optimizer steps under `strategy`; returns the final weights by path."""
+    import keras
+    import tensorflow as tf
+
+    x, y = data if data is not None else dataset()
+    with strategy.scope():
+        keras.utils.set_random_seed(seed)
+        # Explicit names: Keras numbers auto-named layers per process, and these
+        # tests build several models in one process.
+        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="relu", name="hidden"),
+                                  keras.layers.Dense(3, name="logits")], name="mlp")
+        opt = {"adam": lambda: keras.optimizers.Adam(lr),
+               "sgd": lambda: keras.optimizers.SGD(lr),
+               "momentum": lambda: keras.optimizers.SGD(lr, momentum=0.9)}[optimizer]()
+        opt.build(model.trainable_variables)
+    if watch and hasattr(strategy, "watch"):
+        strategy.watch(model, opt)
+    loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    def grads_of(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.nn.compute_average_loss(loss_obj(yb, model(xb, training=True)), global_batch_size=global_batch)
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    if xla:
+        grads_of = tf.function(grads_of, jit_compile=True)
+
+    def train_step(inputs):
+        xb, yb = inputs
+        if accumulate == 1:
+            loss, grads = grads_of(xb, yb)
+        else:
+            xs, ys = tf.split(xb, accumulate), tf.split(yb, accumulate)
+            loss, grads = 0.0, [tf.zeros_like(v) for v in model.trainable_variables]
+            for k in range(accumulate):
+                l_k, g_k = grads_of(xs[k], ys[k])
+                if hasattr(strategy, "record_micro_step"):
+                    strategy.record_micro_step(g_k)
+                loss = loss + l_k
+                grads = [a + b for a, b in zip(grads, g_k)]
+        if on_replica_grads is not None:
+            grads = on_replica_grads(grads)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def distributed_step(inputs):
+        per_replica = strategy.run(train_step, args=(inputs,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
+    it = iter(strategy.experimental_distribute_dataset(ds))
+    for _ in range(steps):
+        distributed_step(next(it))
+    if hasattr(strategy, "close"):
+        strategy.close()
+    return {v.path: v.numpy() for v in model.variables}
+
+
+def files(trace_dir) -> List[str]:
+    import os
+
+    return sorted(os.path.join(trace_dir, f) for f in os.listdir(trace_dir) if f.endswith(".h5"))
