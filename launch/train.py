@@ -468,13 +468,14 @@ def _report(args, argv: List[str], launcher, world, trace_dir: str, loss: float)
     print(f"train.py: done, {args.steps} steps, final loss {loss:.6f}")
     if args.save_weights:
         print(f"final weights: {os.path.abspath(args.save_weights)}")
-    if args.no_trace:
-        print("untraced run (--no-trace): no trace written")
+    if args.no_trace or args.capture == "off":
+        why = "--no-trace" if args.no_trace else "--capture off"
+        print(f"untraced run ({why}): no trace written")
         return
     files = sorted(glob.glob(os.path.join(trace_dir, "replica-*.h5")),
                    key=lambda p: int(os.path.basename(p)[8:-3]))
     names = ", ".join(os.path.basename(p) for p in files) or "no replica files found"
-    print(f"trace: {trace_dir} ({len(files)} files: {names})")
+    print(f"trace: {trace_dir} ({len(files)} file{'' if len(files) == 1 else 's'}: {names})")
     other = trace_dir.rstrip(os.sep) + "-b"
     print("next: run again into a second directory, changing what you suspect (e.g. --shuffle-seed none), "
           "then bisect the two traces:")

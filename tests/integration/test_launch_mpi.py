@@ -61,7 +61,7 @@ def hashes_by_kind(reader):
 
 
 def test_two_workers_write_one_consistent_trace_per_replica(tmp_path):
-    from tracer.reader import TraceReader
+    from tracer.reader import Run, TraceReader
 
     trace = tmp_path / "trace"
     proc, seconds = mpirun(N, ["--steps", "3", "--batch-size", "16", "--trace-dir", str(trace), "--no-progress"],
@@ -74,6 +74,11 @@ def test_two_workers_write_one_consistent_trace_per_replica(tmp_path):
     assert f"mpirun -n {N} " in proc.stdout
     assert "MultiWorkerMirroredStrategy" in proc.stdout
     assert proc.stdout.count("train.py: done") == 1, "only rank 0 reports"
+
+    # The analyzer must accept the directory as one run: every worker's files
+    # carry the same run id, replica count and tensor table.
+    with Run(str(trace)) as run:
+        assert run.num_replicas == N and len(run.readers) == N
 
     readers = [TraceReader(str(trace / f)) for f in files]
     try:
