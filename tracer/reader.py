@@ -24,6 +24,30 @@ MAX_TEXT_BYTES = 64 << 20
 """Largest metadata string the reader accepts (bounds memory on hostile files)."""
 
 
+def _stored_eof(path: str) -> Optional[int]:
+    """End-of-file address recorded in the HDF5 superblock, or None if it cannot be read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset + 64 <= size:
+            f.seek(offset)
+            head = f.read(64)
+            if head[:8] == b"\x89HDF\r\n\x1a\n":
+                break
+            offset = 512 if offset == 0 else offset * 2
+        else:
+            return None
+    version = head[8]
+    if version >= 2:
+        width, start = head[9], 12
+    else:
+        width, start = head[13], 24 if version == 0 else 28
+    if width not in (2, 4, 8):
+        return None
+    at = start + 2 * width
+    return offset + int.from_bytes(head[at:at + width], "little")
+
+
 def _open_h5(path: str) -> h5py.File:
     if not os.path.exists(path):
         raise TraceFormatError(f"{path}: no such file. Pass a trace file (replica-<N>.h5) or a run directory")
@@ -33,15 +57,21 @@ def _open_h5(path: str) -> h5py.File:
         raise TraceFormatError(f"{path}: not an HDF5 file (empty, truncated or another format). "
                                f"Pass a trace written by tracer")
     try:
-        # SWMR read opens files whose writer was killed mid-run; clean files too.
-        return h5py.File(path, "r", swmr=True)
+        # A plain open lets HDF5 check the file against its recorded size.
+        return h5py.File(path, "r")
     except (OSError, ValueError) as first:
+        # A writer killed mid-run leaves its SWMR "open for write" flag set;
+        # only an SWMR read opens such a file, and it skips HDF5's size check
+        # (reading a truncated file that way can hang), so check it here.
+        eof = _stored_eof(path)
+        if eof is None or eof > os.path.getsize(path):
+            raise TraceFormatError(f"{path}: HDF5 file cannot be opened ({first}); it is truncated or corrupt. "
+                                   f"Capture the run again") from first
         try:
-            return h5py.File(path, "r")
+            return h5py.File(path, "r", swmr=True)
         except (OSError, ValueError):
             raise TraceFormatError(f"{path}: HDF5 file cannot be opened ({first}); it may be truncated or "
-                                     f"corrupt. Capture the run again") \
-                from first
+                                   f"corrupt. Capture the run again") from first
 
 
 def _plain(value: Any) -> Any:
