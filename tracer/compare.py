@@ -448,7 +448,7 @@ class Comparison:
             sa = {s: v[0] for s, v in self._stats(pa, row_a, self.cols_a).items()}
             sb = {s: v[0] for s, v in self._stats(pb, row_b, self.cols_b).items()}
             noise = None
-            if self.noise is not None and not bitwise:
+            if self.noise is not None:
                 noise = self._noise_block(p, k, k + 1, {s: v[None, :] for s, v in sa.items()})[0]
             per_pair.append((pa, pb, ha != hb, sa, sb, noise))
         diff_cols = sorted({int(j) for _, _, ne, *_ in per_pair for j in np.flatnonzero(ne)})
