@@ -1,20 +1,24 @@
-"""In-graph, on-device tensor fingerprints (the TensorFlow twin of tracer.hashing).
+"""In-graph, on-device tensor fingerprints (the TensorFlow twin of ``tracer.hashing``).
 
-All tensors of one replica and one step are fingerprinted by a single
-XLA-compiled function, so the hash and the statistics of each tensor fuse into
-one pass over its memory on whatever device holds it (CPU or GPU) and nothing
-leaves the device but five short vectors.
+Per step and replica, every captured tensor gets a 64-bit bitwise hash and the
+statistics l2, max |x|, NaN and Inf counts, computed where the tensor lives
+(CPU or GPU); only five short vectors leave the device.
 
-The arithmetic follows ``tracer.hashing`` exactly; ``tests/`` check they agree
-bit for bit. TensorFlow has no logical right shift on int64, and uint64
-multiplication is not available on every device, so the mixer works on int64
-with wrap-around multiplication (two's complement gives the same bits as uint64)
-and masks after arithmetic shifts.
+Cost matters: this runs every step. The hash and max |x| of all tensors are one
+XLA cluster (the hash reads the tensor as 64-bit words, half as many items as
+float32 elements); the sum of squares uses TensorFlow's fused ``l2_loss``
+kernel; NaN and Inf are counted only when l2 or max |x| is not finite, inside
+the XLA cluster, so no value ever travels to the host to decide it.
+
+The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
+bit for bit. TensorFlow has no logical right shift on int64 and no uint64
+multiply on every device, so the mixer works on int64 with wrap-around
+multiplication (same bits as uint64) and masks after arithmetic shifts.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -39,73 +43,109 @@ def _mix64(z: tf.Tensor) -> tf.Tensor:
     return tf.bitwise.bitwise_xor(z, _shr(z, 31))
 
 
-_BITCAST = {
-    1: (tf.uint8, 0xFF),
-    2: (tf.uint16, 0xFFFF),
-    4: (tf.int32, 0xFFFFFFFF),
-}
+_SAME_WIDTH_INT = {1: tf.uint8, 2: tf.int16, 4: tf.int32, 8: tf.int64}
 
 
-def _bits64(x: tf.Tensor) -> tf.Tensor:
-    """Bit pattern of every element, zero-extended to int64, flattened."""
+def _words(x: tf.Tensor) -> List[tf.Tensor]:
+    """The tensor's bytes as int64 words (as ``tracer.hashing._words``): [full words, padded tail]."""
     x = tf.reshape(x, [-1])
     if x.dtype == tf.bool:
-        return tf.cast(x, tf.int64)
+        x = tf.cast(x, tf.uint8)
     width = x.dtype.size
-    if width == 8:
-        return x if x.dtype == tf.int64 else tf.bitcast(x, tf.int64)
-    as_int, mask = _BITCAST[width]
+    as_int = _SAME_WIDTH_INT[width]
     if x.dtype != as_int:
         x = tf.bitcast(x, as_int)
-    return tf.bitwise.bitwise_and(tf.cast(x, tf.int64), _i64(mask))
+    if width == 8:
+        return [x]
+    per_word = 8 // width
+    n = int(x.shape[0])
+    full = (n // per_word) * per_word
+    parts = []
+    if full:
+        parts.append(tf.bitcast(tf.reshape(x[:full], [-1, per_word]), tf.int64))
+    if n > full:
+        tail = tf.pad(x[full:], [[0, per_word - (n - full)]])
+        parts.append(tf.bitcast(tf.reshape(tail, [1, per_word]), tf.int64))
+    return parts
 
 
 def _hash(x: tf.Tensor) -> tf.Tensor:
-    bits = _bits64(x)
-    mul = hashing.INDEX_MUL_64 if x.dtype.size == 8 else hashing.INDEX_MUL_32
-    idx = tf.range(1, tf.size(bits, out_type=tf.int64) + 1, dtype=tf.int64)
-    return tf.reduce_sum(_mix64(bits + idx * _i64(mul)))
+    total = _i64(0)
+    first = 1
+    for words in _words(x):
+        count = int(words.shape[0])
+        idx = tf.range(first, first + count, dtype=tf.int64)
+        total += tf.reduce_sum(_mix64(words + idx * _i64(hashing.INDEX_MUL_64)))
+        first += count
+    nbytes = int(np.prod(x.shape, dtype=np.int64)) * x.dtype.size
+    return total + _mix64(_i64(nbytes))
 
 
-def _stats(x: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    x = tf.reshape(x, [-1])
-    if x.dtype.is_floating:
-        finite = tf.math.is_finite(x)
-        xf = tf.where(finite, tf.cast(x, tf.float64), tf.zeros([], tf.float64))
-        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(x), tf.int64))
-        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(x), tf.int64))
-    else:
-        xf = tf.cast(x, tf.float64)
-        nan = inf = tf.zeros([], tf.int64)
-    l2 = tf.sqrt(tf.reduce_sum(xf * xf))
-    # max over an empty tensor is -inf in TF; the reference says 0.
-    max_abs = tf.maximum(tf.reduce_max(tf.abs(xf)), tf.zeros([], tf.float64))
-    return l2, max_abs, nan, inf
+def _as_float(x: tf.Tensor) -> tf.Tensor:
+    if x.dtype in (tf.float32, tf.float64):
+        return x
+    return tf.cast(x, tf.float64 if x.dtype.size == 8 else tf.float32)
 
 
-def _fingerprint_all(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
-    hashes, l2s, maxes, nans, infs = [], [], [], [], []
-    for x in tensors:
+def _max_abs_and_counts(x: tf.Tensor, l2: tf.Tensor):
+    xf = tf.reshape(_as_float(x), [-1])
+    if int(xf.shape[0]) == 0:
+        zero = tf.zeros([], tf.int64)
+        return tf.zeros([], tf.float64), zero, zero
+    max_abs = tf.cast(tf.reduce_max(tf.abs(xf)), tf.float64)
+    if not x.dtype.is_floating:
+        zero = tf.zeros([], tf.int64)
+        return max_abs, zero, zero
+
+    def count():
+        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(xf), tf.int64))
+        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(xf), tf.int64))
+        # NaN wins over inf over finite values, whatever max does with NaN here.
+        fixed = tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs)
+        return fixed, nan, inf
+
+    def no_count():
+        zero = tf.zeros([], tf.int64)
+        return max_abs, zero, zero
+
+    finite = tf.logical_and(tf.math.is_finite(l2), tf.math.is_finite(max_abs))
+    return tf.cond(finite, no_count, count)
+
+
+def _xla_part(tensors: Sequence[tf.Tensor], l2s: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    hashes, maxes, nans, infs = [], [], [], []
+    for x, l2 in zip(tensors, l2s):
         hashes.append(_hash(x))
-        l2, max_abs, nan, inf = _stats(x)
-        l2s.append(l2)
+        max_abs, nan, inf = _max_abs_and_counts(x, l2)
         maxes.append(max_abs)
         nans.append(nan)
         infs.append(inf)
-    return [tf.stack(hashes), tf.stack(l2s), tf.stack(maxes), tf.stack(nans), tf.stack(infs)]
+    return [tf.stack(hashes), tf.stack(maxes), tf.stack(nans), tf.stack(infs)]
 
 
-fingerprint_all_xla = tf.function(_fingerprint_all, jit_compile=True, autograph=False)
-"""Fingerprint many tensors in one XLA cluster: [hash, l2, max_abs, nan, inf] vectors."""
+_xla_part_compiled = tf.function(_xla_part, jit_compile=True, autograph=False)
 
-fingerprint_all_graph = tf.function(_fingerprint_all, autograph=False)
-"""The same without XLA, for devices where XLA is unavailable."""
+
+def _l2(x: tf.Tensor) -> tf.Tensor:
+    if x.shape.num_elements() == 0:
+        return tf.zeros([], tf.float64)
+    xf = x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float64 if x.dtype.size == 8 else tf.float32)
+    return tf.sqrt(2.0 * tf.cast(tf.nn.l2_loss(xf), tf.float64))
 
 
 def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[tf.Tensor]:
-    """Fingerprints of ``tensors`` on the current device, in ``tracer.schema.STATS`` order."""
+    """Fingerprints of ``tensors`` on the current device: [hash, l2, max_abs, nan, inf] vectors.
+
+    Args:
+        tensors: Tensors with static shapes.
+        use_xla: Compile the hash and max |x| with XLA (default); without it
+            the same ops run as ordinary TensorFlow kernels.
+    """
     if not tensors:
         return [tf.zeros([0], tf.int64), tf.zeros([0], tf.float64), tf.zeros([0], tf.float64),
                 tf.zeros([0], tf.int64), tf.zeros([0], tf.int64)]
-    fn = fingerprint_all_xla if use_xla else fingerprint_all_graph
-    return fn(list(tensors))
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    l2s = [_l2(x) for x in tensors]
+    part = _xla_part_compiled if use_xla else _xla_part
+    hashes, maxes, nans, infs = part(tensors, l2s)
+    return [hashes, tf.stack(l2s), maxes, nans, infs]

@@ -341,7 +341,12 @@ class TraceSession:
             opt_config = json.loads(json.dumps(self.optimizer.get_config(), default=str))
         except (TypeError, ValueError, NotImplementedError):
             pass
-        run_key = json.dumps([self.trace_dir, n_sync, os.environ.get("TF_CONFIG", "")], sort_keys=True)
+        # Same on every worker of one job: the cluster, not this worker's task.
+        try:
+            cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        except ValueError:
+            cluster = {}
+        run_key = json.dumps([self.trace_dir, n_sync, cluster], sort_keys=True)
         attrs = {
             **environment.collect(),
             schema.ATTR_RUN_ID: hashlib.sha256(run_key.encode()).hexdigest()[:16],

@@ -18,6 +18,7 @@ No value computed by the training step is changed; the tracer only adds reads.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -29,6 +30,9 @@ from tensorflow.python.distribute import reduce_util
 from strategies.session import TraceSession
 from tracer.config import CaptureConfig
 from tracer.errors import CaptureError
+
+
+_COLLECTIVE_KEY_BASES = itertools.count(start=1_000_000, step=1_000_000)
 
 
 class _TracingExtendedMixin:
@@ -171,6 +175,10 @@ class TracedMirroredStrategy(_TracedStrategyMixin, tf.distribute.MirroredStrateg
     def __init__(self, devices=None, cross_device_ops=None, *, trace_dir: str,
                  capture: Optional[CaptureConfig] = None, seeds: Optional[Dict[str, Any]] = None,
                  run_info: Optional[Dict[str, Any]] = None):
+        # MirroredStrategy numbers its collectives from a class-wide base, so two
+        # strategies in one process whose models differ would collide on
+        # collective instance keys; give each traced strategy its own range.
+        self._collective_key_base = next(_COLLECTIVE_KEY_BASES)
         extended = _TracedMirroredExtended(self, devices=devices, cross_device_ops=cross_device_ops)
         distribute_lib.Strategy.__init__(self, extended)
         self._init_tracing(trace_dir, capture, seeds, run_info)

@@ -141,7 +141,9 @@ class TraceWriter:
         f.create_dataset(f"{prefix}{schema.STEPS}", shape=(0,), maxshape=(maxrows,), dtype=np.int64,
                          chunks=(chunk_rows,))
         for stat, dtype in schema.STATS:
-            f.create_dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}", shape=(0, ncols), maxshape=(maxrows, ncols),
+            # HDF5 chunks may not exceed the maximum shape: an empty table gets an unlimited column axis.
+            f.create_dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}", shape=(0, ncols),
+                             maxshape=(maxrows, ncols if ncols else None),
                              dtype=dtype, chunks=(chunk_rows, max(ncols, 1)))
 
     def _create_full(self, f: h5py.File, group: str, cols: Sequence[int], maxrows: Optional[int]) -> None:
