@@ -182,6 +182,10 @@ def main(argv=None) -> int:
     for steps in (2_500, args.steps):
         plant = int(rng.integers(steps // 10, steps - 1))
         t0 = time.perf_counter()
+        done = os.path.join(root, f"{steps}", "b", schema.replica_file_name(N_REPLICAS - 1))
+        if os.path.exists(done):  # same --workdir and --seed: same traces, reuse them
+            pairs[steps] = ((os.path.join(root, f"{steps}", "a"), os.path.join(root, f"{steps}", "b")), plant)
+            continue
         pairs[steps] = (write_pair(root, steps, plant, args.seed), plant)
         print(f"# wrote 2 x {N_REPLICAS} files of {steps} steps in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)

@@ -251,10 +251,7 @@ class Comparison:
 
     # ------------------------------------------------------------------ reads
     def _block(self, reader: TraceReader, stat: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        data = reader.fingerprint_rows(stat, rows)
-        if cols.size == data.shape[1] and np.array_equal(cols, np.arange(cols.size)):
-            return data
-        return np.take(data, cols, axis=1)
+        return reader.fingerprint_rows(stat, rows, cols)
 
     def _stats(self, reader: TraceReader, rows, cols) -> Dict[str, np.ndarray]:
         return {s: self._block(reader, s, rows, cols) for s in ("l2", "max_abs", "nan", "inf")}
@@ -302,17 +299,18 @@ class Comparison:
                     first_bitwise = self._locate(k0 + int(hits[0]), bitwise=True)
                 if first_beyond is None and self.tol.bitwise:
                     first_beyond = first_bitwise
-                stats_a = stats_b = None
-                if first_beyond is None or self.weight_cols.size:
-                    pa, pb = self.pairs[0]
-                    stats_a, stats_b = self._stats(pa, ra, self.cols_a), self._stats(pb, rb, self.cols_b)
+                pa, pb = self.pairs[0]
                 if self.weight_cols.size:
-                    _, rel = stats_bounds(stats_a["l2"][:, self.weight_cols], stats_b["l2"][:, self.weight_cols],
-                                          stats_a["max_abs"][:, self.weight_cols],
-                                          stats_b["max_abs"][:, self.weight_cols], self.sizes[self.weight_cols])
+                    # Weights are global: replica pair 0 speaks for all; read their columns only.
+                    wa, wb = self.cols_a[self.weight_cols], self.cols_b[self.weight_cols]
+                    _, rel = stats_bounds(self._block(pa, "l2", ra, wa), self._block(pb, "l2", rb, wb),
+                                          self._block(pa, "max_abs", ra, wa), self._block(pb, "max_abs", rb, wb),
+                                          self.sizes[self.weight_cols])
                     growth_acc.add(k0, rel.max(axis=1), row_ne)
                 if first_beyond is None:
+                    stats_a, stats_b = self._stats(pa, ra, self.cols_a), self._stats(pb, rb, self.cols_b)
                     first_beyond = self._first_beyond_in_chunk(k0, k1, ra, rb, ne_pairs, stats_a, stats_b)
+                del ne_pairs
         finally:
             if bar is not None:
                 bar.close()

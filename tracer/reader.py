@@ -250,16 +250,36 @@ class TraceReader:
         data = self._read(f"{schema.FINGERPRINTS}/{stat}", slice(start, stop))
         return data if columns is None else data[:, list(columns)]
 
-    def fingerprint_rows(self, stat: str, rows: np.ndarray) -> np.ndarray:
-        """Fingerprint ``stat`` at the given sorted row indices (all columns)."""
+    def fingerprint_rows(self, stat: str, rows: np.ndarray, columns: Optional[np.ndarray] = None) -> np.ndarray:
+        """Fingerprint ``stat`` at the given sorted row indices, for all or the given columns.
+
+        Reads one contiguous box (rows ``rows[0]..rows[-1]``, columns
+        ``min..max`` of ``columns``) and selects in memory: h5py's point
+        selections are far slower than a slice.
+        """
+        if stat not in schema.STAT_NAMES:
+            raise ValueError(f"`stat` must be one of {schema.STAT_NAMES}. Received: stat={stat!r}")
         rows = np.asarray(rows, dtype=np.int64)
+        ncols = len(self.tensors)
+        if columns is not None:
+            columns = np.asarray(columns, dtype=np.int64)
         if rows.size == 0:
-            return np.zeros((0, len(self.tensors)), dtype=dict(schema.STATS)[stat])
+            width = ncols if columns is None else columns.size
+            return np.zeros((0, width), dtype=dict(schema.STATS)[stat])
+        c0, c1 = (0, ncols) if columns is None or columns.size == 0 else (int(columns.min()), int(columns.max()) + 1)
         lo, hi = int(rows[0]), int(rows[-1]) + 1
+        name = f"{schema.FINGERPRINTS}/{stat}"
         if hi - lo <= 4 * rows.size:
-            # One contiguous read beats h5py's point selection by far.
-            return self.fingerprints(stat, lo, hi)[rows - lo]
-        return self._read(f"{schema.FINGERPRINTS}/{stat}", rows)
+            box = self._read(name, (slice(lo, hi), slice(c0, c1)))
+            if hi - lo != rows.size:
+                box = box[rows - lo]
+        else:
+            box = self._read(name, (rows, slice(c0, c1)))
+        if columns is None:
+            return box
+        if c0 == 0 and c1 == box.shape[1] and columns.size == c1 and np.array_equal(columns, np.arange(c1)):
+            return box
+        return np.take(box, columns - c0, axis=1)
 
     def iter_fingerprint_chunks(self, stat: str = "hash", chunk_rows: int = 4096
                                 ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
