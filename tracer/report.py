@@ -81,7 +81,7 @@ def magnitude(f: Dict[str, Any]) -> str:
     if f.get("n_diff") is not None:
         parts.append(f"n_diff={f['n_diff']}/{f['size']}")
     parts += [f"max_abs={num(f['max_abs'])}", f"max_rel={num(f['max_rel'])}", f"max_ulp={num(f['max_ulp'])}"]
-    if f.get("first_index") is not None:
+    if f.get("first_index"):  # None without full tensors, [] for a scalar
         parts.append(f"first differing index {tuple(f['first_index'])}")
     if f.get("nonfinite"):
         parts.append(f"nonfinite mismatches={f['nonfinite']}")
