@@ -1,6 +1,7 @@
 """Shared fixtures. Unit tests stay free of TensorFlow; integration tests opt in with `tf_cpus`."""
 
 import gc
+import itertools
 import os
 
 import pytest
@@ -22,6 +23,27 @@ def tf_cpus():
     except RuntimeError:
         pass  # already initialised by an earlier test in this process
     return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+_KEY_BASE = itertools.count(start=100_000, step=100_000)
+
+
+@pytest.fixture(autouse=True)
+def fresh_collective_keys():
+    """Each test's plain MirroredStrategy gets its own collective key range.
+
+    TensorFlow numbers collectives from a class-wide base (its own tests bump
+    it, see strategy_combinations._mirrored_strategy_with_collective_key_base);
+    two strategies in one process whose models differ otherwise collide with
+    "Shape mismatch in the collective instance".
+    """
+    import sys
+
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        tf.distribute.MirroredStrategy._collective_key_base = next(_KEY_BASE)
+    yield
 
 
 @pytest.fixture(autouse=True)

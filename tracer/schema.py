@@ -53,7 +53,7 @@ ATTR_COMPLETE = "complete"
 # between any two runs; the environment diff skips them.
 PER_FILE_ATTRS = frozenset({
     ATTR_REPLICA, ATTR_LOCAL_REPLICA, ATTR_WORKER, ATTR_RUN_ID, ATTR_COMPLETE,
-    "created", "pid", "hostname_rank", "devices_local",
+    "device", "pid",
 })
 
 # Groups and datasets.
