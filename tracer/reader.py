@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import h5py
@@ -53,6 +54,9 @@ def _open_h5(path: str) -> h5py.File:
         raise TraceFormatError(f"{path}: no such file. Pass a trace file (replica-<N>.h5) or a run directory")
     if os.path.isdir(path):
         raise TraceFormatError(f"{path}: is a directory, expected a trace file (replica-<N>.h5)")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        # A FIFO or device would block or never end; HDF5 would wait on it.
+        raise TraceFormatError(f"{path}: not a regular file, expected a trace file (replica-<N>.h5)")
     if not h5py.is_hdf5(path):
         raise TraceFormatError(f"{path}: not an HDF5 file (empty, truncated or another format). "
                                f"Pass a trace written by tracer")
@@ -114,14 +118,25 @@ class TraceReader:
     def _fail(self, message: str) -> TraceFormatError:
         return TraceFormatError(f"{self.path}: {message}")
 
+    def _has(self, name: str) -> bool:
+        """Whether ``name`` exists, following no link (every path component must be a hard link)."""
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            # get(getlink=True) resolves the parents of `prefix`, which are
+            # hard links by the previous iteration, and never the link itself.
+            link = self._file.get(prefix, getlink=True)
+            if link is None:
+                return False
+            if not isinstance(link, h5py.HardLink):
+                kind = "an external" if isinstance(link, h5py.ExternalLink) else "a soft"
+                raise self._fail(f"/{prefix} is {kind} link; links are not followed in traces")
+        return True
+
     def _dataset(self, name: str, *, ndim: Optional[int] = None, kinds: str = "iuf") -> h5py.Dataset:
-        f = self._file
-        link = f.get(name, getlink=True)
-        if link is None:
+        if not self._has(name):
             raise self._fail(f"missing dataset /{name}")
-        if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
-            raise self._fail(f"/{name} is a link; links are not followed in traces")
-        obj = f[name]
+        obj = self._file[name]
         if not isinstance(obj, h5py.Dataset):
             raise self._fail(f"/{name} is not a dataset")
         if obj.is_virtual or obj.external:
@@ -132,20 +147,46 @@ class TraceReader:
             raise self._fail(f"/{name} has {obj.ndim} dimensions, expected {ndim}")
         return obj
 
+    def _check_stored(self, name: str, obj: h5py.Dataset, rows: Optional[int] = None) -> None:
+        """Refuse to read ``rows`` rows (default: all) of a dataset the file does not store (bounds every read).
+
+        A hostile or corrupt file can declare any shape; a read of unallocated
+        chunks returns the fill value and allocates it all.
+        """
+        rows = obj.shape[0] if rows is None and obj.ndim else (1 if rows is None else rows)
+        wanted = obj.dtype.itemsize * rows
+        for d in obj.shape[1:]:
+            wanted *= d
+        stored = obj.id.get_storage_size()
+        # The writer never compresses, so its datasets store at least what they
+        # hold; a filtered copy (h5repack -f GZIP) is allowed a generous ratio.
+        ratio = 1000 if obj.compression or obj.shuffle or obj.scaleoffset else 1
+        if wanted > 0 and wanted > stored * ratio:
+            raise self._fail(f"/{name} declares shape {obj.shape} but the file stores only {stored} bytes "
+                             f"of it; the file is truncated or corrupt")
+
     def _text(self, name: str) -> str:
-        d = self._dataset(name, kinds="SOU")
-        if d.shape != () or d.dtype.kind == "O" and h5py.check_string_dtype(d.dtype) is None:
-            raise self._fail(f"/{name} must be a scalar string")
-        if d.id.get_storage_size() > MAX_TEXT_BYTES:
+        d = self._dataset(name, kinds="SO")
+        if d.shape != () or d.dtype.kind != "S":
+            # Variable-length strings (kind O) are refused: see _load.
+            raise self._fail(f"/{name} must be a scalar fixed-length string, found {d.dtype} {d.shape}")
+        if d.dtype.itemsize > MAX_TEXT_BYTES:
             raise self._fail(f"/{name} is larger than {MAX_TEXT_BYTES} bytes")
-        value = d[()]
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        self._check_stored(name, d)
+        try:
+            return d[()].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._fail(f"/{name} is not UTF-8 ({exc})") from exc
 
     def _load(self) -> None:
         f = self._file
         attrs: Dict[str, Any] = {}
         for key in f.attrs:
             try:
+                if f.attrs.get_id(key).dtype.kind == "O":
+                    # Variable-length data lives in the global heap, which has no
+                    # checksum; a corrupt one can hang HDF5. The writer never uses it.
+                    raise ValueError("variable-length or object type; refused")
                 attrs[key] = _plain(f.attrs[key])
             except (OSError, ValueError, TypeError) as exc:
                 raise self._fail(f"root attribute {key!r} is unreadable ({exc})") from exc
@@ -157,29 +198,54 @@ class TraceReader:
         if version != schema.SCHEMA_VERSION:
             raise self._fail(f"schema version {version} is not supported (this tracer reads version "
                              f"{schema.SCHEMA_VERSION}); use the tracer release that wrote it")
+        for name in (schema.ATTR_REPLICA, schema.ATTR_NUM_REPLICAS, schema.ATTR_INITIAL_STEP, schema.ATTR_WORKER,
+                     schema.ATTR_NUM_WORKERS, schema.ATTR_COMPLETE, schema.ATTR_LOCAL_REPLICA):
+            value = attrs.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise self._fail(f"root attribute {name} must be an integer >= 0, found {value!r}")
+        if attrs.get(schema.ATTR_REPLICA, 0) >= attrs.get(schema.ATTR_NUM_REPLICAS, 1):
+            raise self._fail(f"replica {attrs.get(schema.ATTR_REPLICA)} is not below num_replicas "
+                             f"{attrs.get(schema.ATTR_NUM_REPLICAS)}")
         self.attrs = attrs
         try:
             self.tensors: List[schema.TensorSpec] = schema.decode_tensors(self._text(schema.META_TENSORS))
         except TraceFormatError as exc:
             raise self._fail(str(exc)) from exc
         try:
-            self.config = CaptureConfig.from_dict(json.loads(self._text(schema.META_CONFIG)))
+            config = json.loads(self._text(schema.META_CONFIG))
+            if not isinstance(config, dict):
+                raise ValueError(f"expected a JSON object, found {type(config).__name__}")
+            self.config = CaptureConfig.from_dict(config)
         except (ValueError, TypeError) as exc:
             raise self._fail(f"capture config is malformed ({exc})") from exc
-        self._n_rows = self._check_table("", len(self.tensors))
-        cols = self._dataset(f"{schema.INITIAL}/columns", ndim=1, kinds="iu")[()]
+        self._flushed = self._flushed_rows()
+        self._n_rows = self._check_table("", len(self.tensors), self._flushed[0])
+        cols_d = self._dataset(f"{schema.INITIAL}/columns", ndim=1, kinds="iu")
+        self._check_stored(f"{schema.INITIAL}/columns", cols_d)
+        cols = cols_d[()]
         if cols.size and (cols.min() < 0 or cols.max() >= len(self.tensors)):
             raise self._fail("/initial/columns names a column outside the tensor table")
         self.initial_columns = [int(c) for c in cols]
-        self._n_initial = self._check_table(schema.INITIAL, len(self.initial_columns))
-        self._full_rows = {"": self._check_full(""), schema.INITIAL: self._check_full(schema.INITIAL)}
+        self._n_initial = self._check_table(schema.INITIAL, len(self.initial_columns), self._flushed[2])
+        self._full_rows = {"": self._check_full("", self._flushed[1]), schema.INITIAL: self._check_full(schema.INITIAL)}
         self._column = {t.key: i for i, t in enumerate(self.tensors)}
         self._full_steps_cache: Dict[str, np.ndarray] = {}
 
-    def _check_table(self, group: str, ncols: int) -> int:
+    def _flushed_rows(self) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+        """Row limits of a file whose writer did not close it: what its last flush made durable."""
+        if self.attrs.get(schema.ATTR_COMPLETE, 0) == 1 or not self._has(schema.META_FLUSHED):
+            return (None, None, None)
+        d = self._dataset(schema.META_FLUSHED, ndim=1, kinds="iu")
+        if d.shape != (3,):
+            raise self._fail(f"/{schema.META_FLUSHED} has shape {d.shape}, expected (3,)")
+        self._check_stored(schema.META_FLUSHED, d)
+        return tuple(int(v) for v in d[()])
+
+    def _check_table(self, group: str, ncols: int, limit: Optional[int] = None) -> int:
         prefix = f"{group}/" if group else ""
         steps = self._dataset(f"{prefix}{schema.STEPS}", ndim=1, kinds="iu")
-        rows = steps.shape[0]
+        rows = steps.shape[0] if limit is None else min(steps.shape[0], limit)
+        tables = []
         for stat, dtype in schema.STATS:
             d = self._dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}", ndim=2)
             if d.shape[1] != ncols:
@@ -189,18 +255,22 @@ class TraceReader:
                 raise self._fail(f"/{prefix}{schema.FINGERPRINTS}/{stat} has dtype {d.dtype}, expected {dtype}")
             # Rows beyond /steps were being written when the run stopped.
             rows = min(rows, d.shape[0])
+            tables.append((f"{prefix}{schema.FINGERPRINTS}/{stat}", d))
+        for name, d in [(f"{prefix}{schema.STEPS}", steps)] + tables:
+            self._check_stored(name, d, rows)
         if rows:
             s = steps[:rows]
             if np.any(np.diff(s) <= 0):
                 raise self._fail(f"/{prefix}{schema.STEPS} is not strictly increasing")
         return rows
 
-    def _check_full(self, group: str) -> int:
+    def _check_full(self, group: str, limit: Optional[int] = None) -> int:
         base = f"{group}/{schema.FULL}" if group else schema.FULL
-        if base not in self._file:
-            return 0
+        # The writer always creates /full/steps (empty without full tensors).
         steps = self._dataset(f"{base}/steps", ndim=1, kinds="iu")
-        return steps.shape[0]
+        rows = steps.shape[0] if limit is None else min(steps.shape[0], limit)
+        self._check_stored(f"{base}/steps", steps, rows)
+        return rows
 
     # ------------------------------------------------------------ properties
     @property
@@ -307,7 +377,7 @@ class TraceReader:
         if hits.size == 0:
             return None
         name = schema.full_path(col, group)
-        if name not in self._file:
+        if not self._has(name):
             return None
         d = self._dataset(name)
         spec = self.tensors[col]
@@ -315,6 +385,7 @@ class TraceReader:
             raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
         if int(hits[0]) >= d.shape[0]:
             return None
+        self._check_stored(name, d, 1)
         # bfloat16 comes back as raw bit patterns (uint16).
         return self._read(name, int(hits[0]))
 

@@ -8,6 +8,7 @@ Layout of ``<trace_dir>/replica-<global replica index>.h5``::
 
     /                       root attributes: the run environment (see ENV_ATTRS)
     /meta/tensors           JSON string: the tensor table, one record per column
+    /meta/flushed           int64 (3,)      rows durable at the last flush (see META_FLUSHED)
     /steps                  int64 (S,)      optimizer step of each row
     /fingerprints/<stat>    (S, T)          one column per tensor, see STATS
     /full/steps             int64 (N,)      steps that have full tensors
@@ -59,6 +60,10 @@ PER_FILE_ATTRS = frozenset({
 # Groups and datasets.
 META_TENSORS = "meta/tensors"
 META_CONFIG = "meta/config"
+META_FLUSHED = "meta/flushed"
+"""int64 (3,): rows of /steps, /full/steps and /initial/steps on disk at the last completed flush.
+A reader of a file that was not closed cleanly trusts no row beyond these (rows after the last
+flush may be partly written)."""
 STEPS = "steps"
 FINGERPRINTS = "fingerprints"
 FULL = "full"

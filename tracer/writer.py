@@ -34,15 +34,28 @@ _STOP = object()
 _FP_CHUNK_ROWS = 256
 
 
+def fixed_string(text: str) -> np.ndarray:
+    """``text`` as a fixed-length UTF-8 HDF5 string.
+
+    Variable-length strings live in HDF5's global heap, which has no checksum:
+    a corrupt one can send the library into an endless loop, so the reader
+    refuses them and the writer never writes them.
+    """
+    data = text.encode("utf-8")
+    return np.array(data, dtype=f"S{max(len(data), 1)}")
+
+
 def _attr_value(value: Any) -> Any:
     """Coerce an environment value to something HDF5 stores as a plain attribute."""
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, (int, float, str, np.integer, np.floating)):
+    if isinstance(value, (int, float, np.integer, np.floating)):
         return value
+    if isinstance(value, str):
+        return fixed_string(value)
     if value is None:
-        return ""
-    return json.dumps(value, sort_keys=True, default=str)
+        return fixed_string("")
+    return fixed_string(json.dumps(value, sort_keys=True, default=str))
 
 
 def flatten_attrs(attrs: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -117,9 +130,9 @@ class TraceWriter:
                 f.attrs[name] = value
             f.attrs[schema.ATTR_SCHEMA] = schema.SCHEMA_VERSION
             f.attrs[schema.ATTR_COMPLETE] = 0
-            string = h5py.string_dtype()
-            f.create_dataset(schema.META_TENSORS, data=schema.encode_tensors(self.tensors), dtype=string)
-            f.create_dataset(schema.META_CONFIG, data=json.dumps(self.config.to_dict()), dtype=string)
+            f.create_dataset(schema.META_TENSORS, data=fixed_string(schema.encode_tensors(self.tensors)))
+            f.create_dataset(schema.META_CONFIG, data=fixed_string(json.dumps(self.config.to_dict())))
+            f.create_dataset(schema.META_FLUSHED, data=np.zeros(3, dtype=np.int64))
             self._create_table(f, "", len(self.tensors), None)
             self._create_table(f, schema.INITIAL, len(self.initial_columns), 1)
             f.create_dataset(f"{schema.INITIAL}/columns", data=np.asarray(self.initial_columns, dtype=np.int64))
@@ -155,8 +168,8 @@ class TraceWriter:
             d = f.create_dataset(schema.full_path(col, group), shape=(0,) + spec.shape,
                                  maxshape=(maxrows,) + spec.shape, dtype=dtype,
                                  chunks=_full_chunks(spec.shape, dtype.itemsize))
-            d.attrs["kind"] = spec.kind
-            d.attrs["name"] = spec.name
+            d.attrs["kind"] = fixed_string(spec.kind)
+            d.attrs["name"] = fixed_string(spec.name)
             d.attrs["micro_step"] = spec.micro_step
 
     # ------------------------------------------------------------- public API
@@ -206,7 +219,8 @@ class TraceWriter:
             self._thread.join()
         try:
             if self._file.id.valid:
-                self._file.flush()
+                if self._error is None:
+                    self._flush()
                 self._file.close()
             if self._error is None:
                 # SWMR writers may not add or change attributes; reopen to mark completion.
@@ -264,7 +278,7 @@ class TraceWriter:
                     continue  # drain: the training side raises on its next call
                 op, step, fps, full = item
                 if op == "flush":
-                    self._file.flush()
+                    self._flush()
                     since_flush = 0
                     continue
                 group = schema.INITIAL if op == "initial" else ""
@@ -274,13 +288,27 @@ class TraceWriter:
                     self._steps_written += 1
                     since_flush += 1
                 if since_flush >= self.config.flush_every or op == "initial" or time.monotonic() - last_flush > 5:
-                    self._file.flush()
+                    self._flush()
                     since_flush = 0
                     last_flush = time.monotonic()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 self._error = exc
             finally:
                 self._queue.task_done()
+
+    def _flush(self) -> None:
+        """Make every row written so far durable, then record how many rows that is.
+
+        Two flushes: HDF5 may write a dataset's new extent before its data, so
+        the row counts in /meta/flushed are written only once the rows they
+        count are on disk. A reader of a killed run trusts no row beyond them.
+        """
+        f = self._file
+        f.flush()
+        counts = np.array([f[schema.STEPS].shape[0], f[schema.FULL_STEPS].shape[0],
+                           f[f"{schema.INITIAL}/{schema.STEPS}"].shape[0]], dtype=np.int64)
+        f[schema.META_FLUSHED][:] = counts
+        f.flush()
 
     def _append(self, group: str, step: int, fps, full, cols) -> None:
         f = self._file
