@@ -113,12 +113,16 @@ def worker(config: str, steps: int, warmup: int, out_dir: str) -> dict:
     ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
     it = iter(strategy.experimental_distribute_dataset(ds.prefetch(4)))
     times = []
+    cpu0 = None
     for i in range(warmup + steps):
+        if i == warmup:
+            cpu0 = time.process_time()
         batch = next(it)
         t0 = time.perf_counter()
         step(batch).numpy()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    cpu_per_step = (time.process_time() - cpu0) / steps
     t_close = time.perf_counter()
     if mode:
         strategy.close()
@@ -127,6 +131,7 @@ def worker(config: str, steps: int, warmup: int, out_dir: str) -> dict:
     close_s = time.perf_counter() - t_close
     n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return {"config": config, "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "cpu_s": cpu_per_step,
             "close_s": close_s, "bytes": _dir_bytes(out_dir), "steps": warmup + steps, "params": n_params}
 
 
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[config].append(res)
-                print(f"round {r + 1} {config:26s} {res['median_s'] * 1e3:8.2f} ms/step", file=sys.stderr)
+                print(f"round {r + 1} {config:26s} {res['median_s'] * 1e3:8.2f} ms/step "
+                      f"{res['cpu_s'] * 1e3:8.2f} CPU ms/step", file=sys.stderr)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
     summary = []
@@ -176,17 +182,23 @@ def main(argv=None) -> int:
         base = config.split("/")[0] + "/untraced"
         med = statistics.median(r["median_s"] for r in runs)
         base_med = statistics.median(r["median_s"] for r in results.get(base, [])) if results.get(base) else None
-        summary.append({"config": config, "ms_per_step": med * 1e3,
+        cpu = statistics.median(r["cpu_s"] for r in runs)
+        base_cpu = statistics.median(r["cpu_s"] for r in results.get(base, [])) if results.get(base) else None
+        summary.append({"config": config, "ms_per_step": med * 1e3, "cpu_ms_per_step": cpu * 1e3,
+                        "cpu_ratio": (cpu / base_cpu) if base_cpu else None,
                         "ratio": (med / base_med) if base_med else None,
                         "bytes_per_step": runs[0]["bytes"] / runs[0]["steps"], "params": runs[0]["params"],
                         "rounds": len(runs)})
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{'configuration':28s} {'ms/step':>9s} {'ratio':>7s} {'disk/step':>12s}")
+        print(f"{'configuration':34s} {'ms/step':>9s} {'ratio':>7s} {'CPU ms/step':>12s} {'CPU ratio':>9s} "
+              f"{'disk/step':>12s}")
         for s in summary:
             ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
-            print(f"{s['config']:28s} {s['ms_per_step']:9.2f} {ratio:>7s} {s['bytes_per_step'] / 1e6:9.3f} MB")
+            cpu_ratio = f"{s['cpu_ratio']:.2f}x" if s["cpu_ratio"] else "-"
+            print(f"{s['config']:34s} {s['ms_per_step']:9.2f} {ratio:>7s} {s['cpu_ms_per_step']:12.2f} "
+                  f"{cpu_ratio:>9s} {s['bytes_per_step'] / 1e6:9.3f} MB")
     return 0
 
 
