@@ -6,26 +6,28 @@ devices, because importing Keras initializes TensorFlow.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import keras
 
 DEFAULT_HIDDEN = (128, 128)
 
 
-def build_model(num_features: int, num_classes: int, *, seed: int,
+def build_model(num_features: int, num_classes: int, *, seed: Optional[int],
                 hidden: Sequence[int] = DEFAULT_HIDDEN) -> keras.Model:
     """An MLP ``num_features -> hidden... -> num_classes`` returning logits.
 
     Every initializer gets its own integer seed derived from ``seed``, so the
     initial weights depend on ``seed`` alone: not on the global random state,
-    on how many models were built before, or on the strategy. Build it inside
-    ``strategy.scope()``.
+    on how many models were built before, or on the strategy. With
+    ``seed=None`` the initializers are unseeded and every model starts from
+    fresh random weights, like a script that never seeds. Build it inside
+    ``strategy.scope()`` (which gives every replica the same initial value).
 
     Args:
         num_features: Input width.
         num_classes: Number of output logits.
-        seed: Weight-initialization seed.
+        seed: Weight-initialization seed, or ``None`` for unseeded.
         hidden: Widths of the hidden ReLU layers.
 
     Returns:
@@ -34,13 +36,17 @@ def build_model(num_features: int, num_classes: int, *, seed: int,
     if num_features < 1 or num_classes < 2:
         raise ValueError(f"`num_features` must be >= 1 and `num_classes` >= 2. "
                          f"Received: num_features={num_features}, num_classes={num_classes}")
+
+    def init_seed(i: int) -> Optional[int]:
+        return None if seed is None else seed * 1000 + 2 * i
+
     layers = [keras.Input(shape=(num_features,), name="features")]
     for i, width in enumerate(hidden):
         layers.append(keras.layers.Dense(
             width, activation="relu", name=f"dense_{i}",
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 1000 + 2 * i),
+            kernel_initializer=keras.initializers.GlorotUniform(seed=init_seed(i)),
             bias_initializer="zeros"))
     layers.append(keras.layers.Dense(
         num_classes, name="logits",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 1000 + 2 * len(hidden))))
+        kernel_initializer=keras.initializers.GlorotUniform(seed=init_seed(len(hidden)))))
     return keras.Sequential(layers, name="mlp")

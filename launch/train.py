@@ -60,7 +60,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _shuffle_seed(text: str) -> Optional[int]:
+def _seed_or_none(text: str) -> Optional[int]:
+    """``--seed`` and ``--shuffle-seed``: an integer, or ``none`` for unseeded."""
     if text.lower() == "none":
         return None
     try:
@@ -91,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch of one micro-step, over all replicas")
     g.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
                    help="micro-batches per optimizer step; gradients are summed, then applied once")
-    g.add_argument("--seed", type=int, default=1, help="weight-initialization seed")
-    g.add_argument("--shuffle-seed", type=_shuffle_seed, default=2, metavar="INT|none",
+    g.add_argument("--seed", type=_seed_or_none, default=1, metavar="INT|none",
+                   help="weight-initialization seed; 'none' leaves the initializers unseeded (random "
+                        "initial weights in every run, as in a script that never seeds)")
+    g.add_argument("--shuffle-seed", type=_seed_or_none, default=2, metavar="INT|none",
                    help="data-order seed; 'none' draws a fresh one (shared by all workers)")
     g.add_argument("--optimizer", choices=optim.OPTIMIZERS, default="adam")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -353,6 +356,7 @@ def run(args, argv: List[str], launcher, world) -> int:
         "optimizer": args.optimizer,
         "lr_schedule": args.lr_schedule,
         "shuffle_seed_requested": "none" if args.shuffle_seed is None else args.shuffle_seed,
+        "seed_requested": "none" if args.seed is None else args.seed,
     }
     strategy = _make_strategy(tf, args, multi_worker, devices, trace_dir, seeds, run_info)
     try:
