@@ -71,15 +71,18 @@ def build_optimizer(name: str, *, lr: float, schedule: str = "constant", epsilon
 
     spec = parse_schedule_spec(schedule)
     learning_rate = lr if spec is None else StepChange(lr, *spec)
-    eps = {} if epsilon is None else {"epsilon": float(epsilon)}
+    # An explicit name: Keras numbers unnamed optimizers per process (adam,
+    # adam_1, ...), which would show up as a spurious environment difference
+    # between two runs made in one process.
+    kw = {"name": name} if epsilon is None else {"name": name, "epsilon": float(epsilon)}
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate, **eps)
+        return keras.optimizers.Adam(learning_rate, **kw)
     if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, **eps)
+        return keras.optimizers.AdamW(learning_rate, **kw)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, **eps)
+        return keras.optimizers.RMSprop(learning_rate, **kw)
     if name == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate, **eps)
+        return keras.optimizers.Adagrad(learning_rate, **kw)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate)
-    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=(name == "nesterov"))
+        return keras.optimizers.SGD(learning_rate, name=name)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=(name == "nesterov"), name=name)
