@@ -28,6 +28,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import glob
+import re
 import secrets
 import shlex
 import time
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--capture", choices=CAPTURE_MODES, default="fingerprint",
                    help="fingerprints every step; 'full' adds full tensors every --full-every steps")
     g.add_argument("--full-every", type=_positive_int, default=1, help="period of full-tensor snapshots")
+    g.add_argument("--on-trace-error", choices=("stop", "continue"), default="stop",
+                   help="when writing the trace fails (disk full...): stop the run with the error, or warn "
+                        "and continue untraced (the steps written so far stay readable)")
     g.add_argument("--no-trace", action="store_true",
                    help="use the plain tf.distribute strategies and write no trace (for comparison)")
     g.add_argument("--save-weights", metavar="PATH.npz",
@@ -143,13 +147,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main_guarded(args, argv: List[str], launcher, world) -> int:
-    """Turns :class:`UsageError` into a one-line message; everything else propagates."""
+    """Turns :class:`UsageError` and trace write errors into a one-line message; everything else propagates."""
+    who = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
     try:
         return run(args, argv, launcher, world)
     except UsageError as exc:
-        who = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
         print(f"train.py: error: {who}{exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is the trace's write error
+        message = _trace_write_failure(exc)
+        if message is None:
+            raise
+        print(f"train.py: error: {who}{' '.join(message.split())} Rerun with --on-trace-error continue to train "
+              f"on without a trace.", file=sys.stderr, flush=True)
+        return 1
+
+
+def _trace_write_failure(exc: BaseException) -> Optional[str]:
+    """The message of the trace write error behind ``exc``, or None.
+
+    It arrives either as itself (raised by ``strategy.close()``) or inside the
+    TensorFlow error of the step whose host callback hit it.
+    """
+    from tracer.errors import TraceWriteError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TraceWriteError):
+            return str(exc)
+        found = re.search(r"TraceWriteError: (.*?stay readable\.)", str(exc), re.S)
+        if found:
+            return found.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _configure_devices(tf, args, multi_worker: bool, local_rank: int) -> List[str]:
@@ -418,7 +449,8 @@ def _make_strategy(tf, args, multi_worker: bool, devices, trace_dir, seeds, run_
     from strategies import TracedMirroredStrategy, TracedMultiWorkerMirroredStrategy
     from tracer import CaptureConfig
 
-    capture = CaptureConfig(mode=args.capture, full_every=args.full_every)
+    capture = CaptureConfig(mode=args.capture, full_every=args.full_every,
+                            on_write_error="raise" if args.on_trace_error == "stop" else "disable")
     if multi_worker:
         return TracedMultiWorkerMirroredStrategy(trace_dir=trace_dir, capture=capture, seeds=seeds,
                                                  run_info=run_info)

@@ -26,12 +26,23 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import h5py
 import numpy as np
 
+try:
+    import resource
+except ImportError:  # not on Windows: no RLIMIT_FSIZE there
+    resource = None
+
 from tracer import schema
 from tracer.config import CaptureConfig
 from tracer.errors import TraceWriteError
 
 _STOP = object()
 _FP_CHUNK_ROWS = 256
+SPACE_RESERVE = 1 << 20
+"""Bytes kept free on the trace's file system (and under RLIMIT_FSIZE) for the final flush and close."""
+
+
+class _OutOfSpace(TraceWriteError):
+    """Raised before a write that would not fit; the file itself is still intact."""
 
 
 def fixed_string(text: str) -> np.ndarray:
@@ -109,6 +120,7 @@ class TraceWriter:
         self._steps_written = 0
         self._last_step: Optional[int] = None
         self._error: Optional[BaseException] = None
+        self._hdf5_failed = False
         self._disabled = False
         self._closed = False
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.config.queue_size)
@@ -219,10 +231,10 @@ class TraceWriter:
             self._thread.join()
         try:
             if self._file.id.valid:
-                if self._error is None:
+                if not self._hdf5_failed:
                     self._flush()
                 self._file.close()
-            if self._error is None:
+            if self._error is None and not self._hdf5_failed:
                 # SWMR writers may not add or change attributes; reopen to mark completion.
                 with h5py.File(self.path, "r+", libver="latest") as f:
                     f.attrs[schema.ATTR_COMPLETE] = 1
@@ -292,6 +304,9 @@ class TraceWriter:
                     since_flush = 0
                     last_flush = time.monotonic()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                # After a failed HDF5 write the file is not touched again (a
+                # flush would retry the failed write; see close).
+                self._hdf5_failed = not isinstance(exc, _OutOfSpace)
                 self._error = exc
             finally:
                 self._queue.task_done()
@@ -310,8 +325,33 @@ class TraceWriter:
         f[schema.META_FLUSHED][:] = counts
         f.flush()
 
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse a write that would fill the file system or pass RLIMIT_FSIZE.
+
+        HDF5 does not recover from ENOSPC/EFBIG in the middle of a write: its
+        metadata cache keeps retrying the failed write, and h5py has been seen
+        to crash the process on the way out. Stopping before the limit keeps
+        the file consistent, with SPACE_RESERVE left to flush and close it.
+        """
+        need = 2 * nbytes + SPACE_RESERVE
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise _OutOfSpace(f"file system full ({free} bytes free, this step needs about "
+                              f"{need} including a {SPACE_RESERVE}-byte reserve to close the file)")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+        if limit is not None and limit != resource.RLIM_INFINITY:
+            size = os.path.getsize(self.path)
+            if size + need > limit:
+                raise _OutOfSpace(f"file size limit reached (RLIMIT_FSIZE {limit} bytes, file "
+                                  f"{size} bytes, this step needs about {need})")
+
     def _append(self, group: str, step: int, fps, full, cols) -> None:
         f = self._file
+        nbytes = sum(np.asarray(v).nbytes for v in fps) + 8
+        if full is not None:
+            nbytes += sum(np.asarray(v).nbytes for v in full)
+        self._check_space(nbytes)
         prefix = f"{group}/" if group else ""
         steps = f[f"{prefix}{schema.STEPS}"]
         row = steps.shape[0]

@@ -30,15 +30,14 @@ def main(argv):
     steps = int(argv[2]) if len(argv) > 2 else 10**6
     specs = tensors()
     config = CaptureConfig(mode="full", flush_every=flush_every)
-    w = TraceWriter(path, specs, attrs={"num_replicas": 1, "replica": 0}, config=config)
-    init = [expected(0, specs)[c] for c in w.initial_columns]
-    w.write_initial(0, _stack([fingerprint(x) for x in init]), init)
-    for s in range(steps):
-        vals = expected(s, specs)
-        w.write_step(s, _stack([fingerprint(x) for x in vals]), vals)
-        sys.stdout.write(f"handed {s}\n")
-        sys.stdout.flush()
-    w.close()
+    with TraceWriter(path, specs, attrs={"num_replicas": 1, "replica": 0}, config=config) as w:
+        init = [expected(0, specs)[c] for c in w.initial_columns]
+        w.write_initial(0, _stack([fingerprint(x) for x in init]), init)
+        for s in range(steps):
+            vals = expected(s, specs)
+            w.write_step(s, _stack([fingerprint(x) for x in vals]), vals)
+            sys.stdout.write(f"handed {s}\n")
+            sys.stdout.flush()
 
 if __name__ == "__main__":
     main(sys.argv[1:])
