@@ -210,6 +210,22 @@ class Comparison:
                 raise TraceMismatchError(f"{b.readers[0].path}: {message}. Drop --strict to compare the "
                                          f"{len(common)} common tensors")
             self.notes.append(f"{message}; compared the {len(common)} common tensors")
+        # Per-replica tensors may legitimately change shape between two runs of
+        # one model: under gradient accumulation the input is a micro-batch.
+        # They are left out with a note; a global tensor of another shape means
+        # another model, which stays an error.
+        reshaped = sorted(k for k in common if k[0] not in schema.GLOBAL_KINDS
+                          and (spec_a[k].shape, spec_a[k].dtype) != (spec_b[k].shape, spec_b[k].dtype))
+        if reshaped:
+            common -= set(reshaped)
+            shown = "; ".join(f"{_label(spec_a[k])} {list(spec_a[k].shape)} {spec_a[k].dtype} vs "
+                              f"{list(spec_b[k].shape)} {spec_b[k].dtype}" for k in reshaped[:3])
+            more = f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""
+            self.notes.append(f"{len(reshaped)} per-replica tensor(s) have another shape or dtype in B (another "
+                              f"batch or micro-batch size?) and are not compared: {shown}{more}")
+            if not common:
+                raise TraceMismatchError(f"{b.readers[0].path}: no tensor of the same shape and dtype in common "
+                                         f"with {a.readers[0].path}. Compare traces of the same model")
         for k in order_keys(a.tensors, common):
             sa, sb = spec_a[k], spec_b[k]
             if sa.shape != sb.shape or sa.dtype != sb.dtype:
@@ -469,7 +485,9 @@ class Comparison:
             return None
         j, pa, pb, diff, verdict = origin
         spec = self.specs[j]
-        replicas = [x[0].replica for x in per_pair if x[2][j]]
+        # Deduplicated: with different replica counts one replica of A is in several pairs.
+        replicas = sorted({x[0].replica if len(self.a.readers) >= len(self.b.readers) else x[1].replica
+                           for x in per_pair if x[2][j]})
         inherited_cols = [c for c in diff_cols if c > j]
         inherited = [{"kind": self.specs[c].kind, "tensor": self.specs[c].name,
                       "micro_step": self.specs[c].micro_step} for c in inherited_cols[:20]]

@@ -1,5 +1,6 @@
 """Bad input: one line on stderr naming the file, exit status 2, no traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -140,12 +141,23 @@ def test_shape_or_dtype_mismatch(tmp_path, good, capsys, change):
         expected = "has shape [4] float32, expected [3] float32"
     else:
         tensors = model_tensors(dtype="float64")
-        expected = "has shape [8, 4] float64, expected [8, 4] float32"
+        # The input (per-replica) is skipped with a note; the first global tensor is the error.
+        expected = "allreduced_grad out/kernel has shape [3, 2] float64, expected [3, 2] float32"
     run = write_run(tmp_path / "other", tensors=tensors)
     assert main([good, run]) == 2
     line = error_line(capsys)
     assert line.startswith(f"tracer.bisect: error: {os.path.join(run, 'replica-0.h5')}: ")
     assert expected in line
+
+
+def test_inputs_of_another_batch_shape_are_skipped_with_a_note(tmp_path, good, capsys):
+    # Gradient accumulation: the same model fed micro-batches of 2 instead of batches of 8.
+    run = write_run(tmp_path / "micro", tensors=model_tensors(batch=(2, 4)))
+    assert main([good, run, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any("per-replica tensor(s) have another shape" in n and "batch[0] [8, 4] float32 vs [2, 4] float32" in n
+               for n in report["notes"]), report["notes"]
+    assert report["tensors"]["compared"] == len(model_tensors()) - 1
 
 
 def test_directory_mixing_two_runs(tmp_path, capsys):
