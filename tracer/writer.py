@@ -121,6 +121,7 @@ class TraceWriter:
         self._last_step: Optional[int] = None
         self._error: Optional[BaseException] = None
         self._hdf5_failed = False
+        self._failed = False  # sticky: after the first error the thread writes nothing more
         self._disabled = False
         self._closed = False
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.config.queue_size)
@@ -234,8 +235,9 @@ class TraceWriter:
                 if not self._hdf5_failed:
                     self._flush()
                 self._file.close()
-            if self._error is None and not self._hdf5_failed:
-                # SWMR writers may not add or change attributes; reopen to mark completion.
+            if not self._hdf5_failed:
+                # The file is consistent (also after a refused write: nothing of
+                # it reached the file). SWMR writers may not add or change attributes; reopen to mark completion.
                 with h5py.File(self.path, "r+", libver="latest") as f:
                     f.attrs[schema.ATTR_COMPLETE] = 1
         except (OSError, ValueError) as exc:
@@ -286,8 +288,8 @@ class TraceWriter:
             try:
                 if item is _STOP:
                     return
-                if self._error is not None:
-                    continue  # drain: the training side raises on its next call
+                if self._failed:
+                    continue  # drain: the training side raises (once) on its next call
                 op, step, fps, full = item
                 if op == "flush":
                     self._flush()
@@ -307,6 +309,7 @@ class TraceWriter:
                 # After a failed HDF5 write the file is not touched again (a
                 # flush would retry the failed write; see close).
                 self._hdf5_failed = not isinstance(exc, _OutOfSpace)
+                self._failed = True
                 self._error = exc
             finally:
                 self._queue.task_done()
