@@ -95,6 +95,7 @@ class Result:
     notes: List[str]
     tensors: Dict[str, Any]
     runs: Dict[str, Any]
+    first_nonfinite: Optional[Dict[str, Any]] = None
 
     @property
     def diverged(self) -> bool:
@@ -115,6 +116,7 @@ class Result:
             "steps_compared": self.steps,
             "divergent_steps": self.divergent_steps,
             "growth": self.growth,
+            "first_nonfinite": self.first_nonfinite,
             "tensors": self.tensors,
             "runs": self.runs,
             "notes": self.notes,
@@ -340,8 +342,11 @@ class Comparison:
         if n_div and last_equal:
             self.notes.append(f"the runs differ at {n_div} of {m} steps but agree again from after step "
                               f"{last_div_step} to the end")
+        # Where the first NaN/Inf appeared is worth saying even when the divergence
+        # started earlier with a finite change (a learning-rate spike).
+        nonfinite = self._first_nonfinite() if first_bitwise is not None else None
         return Result(first=first_beyond, first_bitwise=first_bitwise, tolerance=self.tol, steps=self.steps_info,
-                      divergent_steps=divergent, growth=growth,
+                      divergent_steps=divergent, growth=growth, first_nonfinite=nonfinite,
                       env_diff=env_diff(self.a.attrs, self.b.attrs), notes=self.notes,
                       tensors={"compared": len(self.keys), **self.only,
                                "replica_pairs": [[pa.replica, pb.replica] for pa, pb in self.pairs]},
@@ -397,6 +402,30 @@ class Comparison:
         out = np.where(ha == hn, -1.0, rel)
         out[:, ~present] = -1.0
         return out
+
+    def _first_nonfinite(self) -> Dict[str, Optional[Dict[str, Any]]]:
+        """Per run, the first step holding a NaN/Inf in a compared tensor, and the first such tensor in dataflow order."""
+        out: Dict[str, Optional[Dict[str, Any]]] = {}
+        m = self.common_steps.size
+        for name, run, idx, cols in (("a", self.a, self.idx_a, self.cols_a), ("b", self.b, self.idx_b, self.cols_b)):
+            found = None
+            for k0 in range(0, m, self.chunk_rows):
+                rows = idx[k0:min(k0 + self.chunk_rows, m)]
+                best = None
+                for reader in run.readers:
+                    nan, inf = self._block(reader, "nan", rows, cols), self._block(reader, "inf", rows, cols)
+                    hits = np.argwhere((nan > 0) | (inf > 0))  # row-major: earliest step, then dataflow order
+                    if hits.size and (best is None or tuple(hits[0]) < best[:2]):
+                        r, c = (int(x) for x in hits[0])
+                        best = (r, c, reader.replica, int(nan[r, c]), int(inf[r, c]))
+                if best is not None:
+                    r, c, replica, n_nan, n_inf = best
+                    spec = self.specs[c]
+                    found = {"step": int(self.common_steps[k0 + r]), "kind": spec.kind, "tensor": spec.name,
+                             "micro_step": spec.micro_step, "replica": replica, "nan": n_nan, "inf": n_inf}
+                    break
+            out[name] = found
+        return out if any(out.values()) else None
 
     # ----------------------------------------------------------------- locate
     def _compare_initial(self) -> Optional[Finding]:

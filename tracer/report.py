@@ -114,10 +114,16 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
             shown = ", ".join(f"{x['kind']} '{escape(x['tensor'])}'" for x in first["inherited"][:4])
             more = f" and {first['n_inherited'] - 4} more" if first["n_inherited"] > 4 else ""
             lines.append(f"  inherited at the same step: {first['n_inherited']} tensor(s): {shown}{more}")
-    elif check:
+    nonfinite = d.get("first_nonfinite")
+    if first and nonfinite:
+        seen = [f"run {run.upper()} at step {x['step']}: {where(dict(x, snapshot='step')).rsplit(' at step', 1)[0]} "
+                f"(nan={x['nan']}, inf={x['inf']})" for run, x in sorted(nonfinite.items()) if x]
+        clean = [f"run {run.upper()} has none" for run, x in sorted(nonfinite.items()) if not x]
+        lines.append(f"  first NaN/Inf: {'; '.join(seen + clean)}")
+    if check and not first:
         lines.append(f"{prog}: all replicas agree bitwise on allreduced_grad, optimizer_slot and weight in "
                      f"{steps['count']} steps ({steps['first']}..{steps['last']})")
-    else:
+    elif not first:
         lines.append(f"{prog}: no divergence beyond tolerance in {steps['count']} steps "
                      f"({steps['first']}..{steps['last']}) [tolerance: {tol_text(tol)}]")
     if fb and (not first or (fb["step"], fb["kind"], fb["tensor"], fb["snapshot"]) !=
