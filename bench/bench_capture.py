@@ -34,6 +34,8 @@ CONFIGS = {
     "mlp/untraced": ("mlp", None, None),
     "mlp/tracer-fingerprint": ("mlp", "fingerprint", None),
     "mlp/tracer-full": ("mlp", "full", None),
+    "mlp/tracer-full-tmpfs": ("mlp", "full", None),
+    "mlp/tracer-full-every-10": ("mlp", "full/10", None),
     "mlp/tfdbg-NO_TENSOR": ("mlp", None, "NO_TENSOR"),
     "mlp/tfdbg-CURT_HEALTH": ("mlp", None, "CURT_HEALTH"),
     "mlp/tfdbg-FULL_TENSOR": ("mlp", None, "FULL_TENSOR"),
@@ -78,8 +80,12 @@ def worker(config: str, steps: int, warmup: int, out_dir: str) -> dict:
         from tracer import CaptureConfig
 
         mode, _, kinds = mode.partition(":")
-        capture = CaptureConfig(mode=mode, kinds=tuple(kinds.split("+"))) if kinds else CaptureConfig(mode=mode)
-        strategy = TracedMirroredStrategy(devices, trace_dir=os.path.join(out_dir, "trace"), capture=capture)
+        mode, _, every = mode.partition("/")
+        capture = CaptureConfig(mode=mode, full_every=int(every or 1),
+                                **({"kinds": tuple(kinds.split("+"))} if kinds else {}))
+        # The -tmpfs variant separates the tracer's own cost from this disk's write speed.
+        trace_root = tempfile.mkdtemp(dir="/dev/shm") if config.endswith("-tmpfs") else out_dir
+        strategy = TracedMirroredStrategy(devices, trace_dir=os.path.join(trace_root, "trace"), capture=capture)
     else:
         strategy = tf.distribute.MirroredStrategy(devices)
     with strategy.scope():
@@ -130,9 +136,13 @@ def worker(config: str, steps: int, warmup: int, out_dir: str) -> dict:
         tf.debugging.experimental.disable_dump_debug_info()
     close_s = time.perf_counter() - t_close
     n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    written = _dir_bytes(out_dir)
+    if mode and trace_root != out_dir:
+        written += _dir_bytes(trace_root)
+        shutil.rmtree(trace_root, ignore_errors=True)
     return {"config": config, "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
             "cpu_s": cpu_per_step,
-            "close_s": close_s, "bytes": _dir_bytes(out_dir), "steps": warmup + steps, "params": n_params}
+            "close_s": close_s, "bytes": written, "steps": warmup + steps, "params": n_params}
 
 
 def main(argv=None) -> int:

@@ -179,14 +179,12 @@ class TraceSession:
         return specs
 
     def _tensors_for_replica(self, i: int, inputs: Sequence[Any], loss: Any, lr: tf.Tensor,
-                             capture: StepCapture, *, after_update: bool = True) -> List[Any]:
+                             capture: StepCapture) -> List[Any]:
         """Tensors of local replica ``i`` in table order (reads variables after the update)."""
-        out = []
-        for spec in self.tensors:
-            out.append(self._tensor_of(spec, i, inputs, loss, lr, capture))
-        return out
+        return [self._tensor_of(spec, i, inputs, loss, lr, capture) for spec in self.tensors]
 
     def _tensor_of(self, spec, i, inputs, loss, lr, capture):
+        """The tensor of local replica ``i`` that column ``spec`` records."""
         kind = spec.kind
         if kind == "input":
             return inputs[self._input_index[spec.name]]
