@@ -80,10 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from strategies import TracedMirroredStrategy
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-    except RuntimeError:
-        pass  # TensorFlow already runs in this process (tests): use its logical devices
+    # In a process that already configured enough logical CPUs (tests), keep them:
+    # shrinking the configuration would starve a later job that needs more.
+    if len(tf.config.get_logical_device_configuration(cpu) or []) < args.replicas:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
+        except RuntimeError:
+            pass  # the runtime is up already; the strategy below fails if it lacks devices
     devices = [f"/cpu:{i}" for i in range(args.replicas)]
     faults = {"flip_step": args.flip_step, "flip_replica": args.flip_replica, "corrupt_step": args.corrupt_step,
               "corrupt_replica": args.corrupt_replica, "variable": FAULT_VARIABLE, "bit": FAULT_BIT}

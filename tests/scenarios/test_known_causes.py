@@ -1,0 +1,100 @@
+"""Scenarios whose truth is known by construction: seeds, optimizer changes, injected faults, NaN (1, 2, 4, 7, 9)."""
+
+import pytest
+
+from scenarios import catalog
+from tests.scenarios import truth
+
+pytestmark = pytest.mark.tf
+
+
+def test_1_unseeded_init_is_init_before_the_first_update(outcome, workspace):
+    o = outcome("1")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "init"
+    assert (f["snapshot"], f["step"], f["kind"]) == ("initial", 0, "weight")
+    # Every initialized kernel differs (biases start at zero in both runs), on every replica.
+    assert f["tensor"] == "mlp/dense_0/kernel" and f["replicas"] == [0, 1]
+    assert {"key": "seeds.weights", "a": 1, "b": "none"} in o.report["env_diff"]
+
+
+def test_2_unseeded_shuffle_is_data_at_step_0(outcome, workspace):
+    o = outcome("2")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "data"
+    assert (f["snapshot"], f["step"], f["kind"], f["tensor"]) == ("step", 0, "input", "batch[0/0]")
+    s = catalog.by_id("2")
+    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
+    assert diff["snapshot"] == "step" and diff["step"] == 0 and truth.kinds_at(diff)[0] == "input"
+
+
+@pytest.mark.parametrize("scenario_id, step, tensor", [
+    ("4a", 0, "mlp/dense_0/kernel"),  # epsilon: Adam's moments are equal, the update is not
+    ("4b", 0, "learning_rate"),
+    ("4c", catalog.LR_CHANGE_STEP, "learning_rate"),
+])
+def test_4_optimizer_changes_are_optimizer_where_the_update_first_differs(outcome, workspace, scenario_id, step,
+                                                                          tensor):
+    o = outcome(scenario_id)
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "optimizer"
+    assert (f["step"], f["tensor"]) == (step, tensor)
+    # Independently: everything up to the all-reduced gradients of that step is bitwise equal.
+    s = catalog.by_id(scenario_id)
+    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
+    assert diff["step"] == step
+    assert set(truth.kinds_at(diff)) <= {"optimizer_slot", "weight"}
+    assert truth.earliest(diff["diffs"])[:2] == (f["kind"], tensor)
+
+
+def test_7a_one_flipped_bit_is_that_replicas_local_grad_at_that_step(outcome):
+    from scenarios.inject import FAULT_VARIABLE
+
+    o = outcome("7a")
+    f = o.report["first"]
+    assert o.code == 1
+    assert (f["step"], f["kind"], f["tensor"], f["replica"], f["replicas"]) == (
+        catalog.FAULT_STEP, "local_grad", FAULT_VARIABLE, catalog.FAULT_REPLICA, [catalog.FAULT_REPLICA])
+    assert f["n_diff"] == 1 and f["first_index"] == [0, 0] and f["max_ulp"] == 1 << 16
+    assert o.report["cause"] == "numerics"
+
+
+def test_7b_a_corrupted_weight_copy_is_replica_desync(outcome):
+    from scenarios.inject import FAULT_VARIABLE
+
+    o = outcome("7b")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "replica_desync"
+    # Corrupted after step K's update, so the first recorded state that shows it is step K+1's weights.
+    assert (f["step"], f["kind"], f["tensor"], f["replica"]) == (
+        catalog.FAULT_STEP + 1, "weight", FAULT_VARIABLE, catalog.FAULT_REPLICA)
+    assert f["n_diff"] == 1
+
+
+def test_7_clean_injection_run_is_consistent(workspace):
+    code = workspace.compare(catalog.CLEAN).code
+    assert code == 0
+
+
+def test_9a_infinite_learning_rate_is_nonfinite_at_that_step(outcome, workspace):
+    o = outcome("9a")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "nonfinite"
+    assert (f["step"], f["kind"], f["tensor"]) == (catalog.LR_CHANGE_STEP, "optimizer_slot", "learning_rate")
+    origin = f["nonfinite_origin"]
+    assert (origin["run"], origin["tensor"], origin["inf"]) == ("B", "learning_rate", 1)
+    seen = truth.nonfinite_first(workspace.run(catalog.by_id("9a").b))
+    assert seen["step"] == catalog.LR_CHANGE_STEP and ("optimizer_slot", "learning_rate") in seen["tensors"]
+
+
+def test_9b_a_finite_spike_is_the_origin_and_the_nan_follows(outcome, workspace):
+    o = outcome("9b")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "optimizer"
+    assert (f["step"], f["tensor"]) == (catalog.LR_CHANGE_STEP, "learning_rate")
+    seen = truth.nonfinite_first(workspace.run(catalog.by_id("9b").b))
+    assert seen is not None and seen["step"] > catalog.LR_CHANGE_STEP
+    reported = o.report["first_nonfinite"]
+    assert reported["a"] is None
+    assert reported["b"]["step"] == seen["step"]
+    assert (reported["b"]["kind"], reported["b"]["tensor"]) in seen["tensors"]
