@@ -65,7 +65,7 @@ def collect() -> Dict[str, Any]:
             "python": platform.python_version(),
         },
         "tf_build": build,
-        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "devices": sorted(d.name for d in tf.config.list_logical_devices()),  # each worker lists itself first
         "physical_devices": [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()],
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
