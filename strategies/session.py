@@ -232,6 +232,13 @@ class TraceSession:
             return  # this run() did not step the optimizer (e.g. an evaluation step)
         trainable = [v.path for v in self.model.trainable_variables]
         capture.check_complete(trainable)
+        graph = tf.compat.v1.get_default_graph()
+        if any(getattr(g, "graph", graph) is not graph for g in capture.applied_grads[0].values()):
+            # The optimizer ran inside a nested tf.function (e.g. jit_compile=True
+            # around apply_gradients): its tensors cannot leave that function.
+            raise CaptureError(
+                "apply_gradients ran inside a nested tf.function, whose tensors the tracer cannot read; "
+                "compile the forward and backward pass with jit_compile=True and call apply_gradients outside it")
         _, _, n_local, _ = self._topology()
         per_replica_inputs = []
         per_replica_loss = []

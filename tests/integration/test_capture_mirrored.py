@@ -155,3 +155,33 @@ def test_run_without_watch_is_a_clear_error(tf_cpus, tmp_path):
 def test_capture_off_writes_nothing(tf_cpus, tmp_path):
     training.train(_traced(tf_cpus, tmp_path / "t", mode="off"), steps=2)
     assert not (tmp_path / "t").exists()
+
+
+def test_optimizer_inside_a_nested_function_is_a_clear_error(tf_cpus, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from strategies import TracedMirroredStrategy
+    from tracer.errors import CaptureError
+
+    strategy = TracedMirroredStrategy(tf_cpus[:1], trace_dir=str(tmp_path))
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")], name="m")
+        opt = keras.optimizers.SGD(0.1)
+        opt.build(model.trainable_variables)
+    strategy.watch(model, opt)
+
+    @tf.function(jit_compile=True)
+    def replica_step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    @tf.function
+    def step(x):
+        return strategy.run(replica_step, args=(x,))
+
+    with pytest.raises(CaptureError, match="nested tf.function"):
+        step(tf.ones((2, 4)))
+    strategy.close()
