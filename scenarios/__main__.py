@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+        # Start the runtime now: until then a job's own (smaller) configuration would replace this one.
+        tf.config.list_logical_devices("CPU")
     ws = Workspace(workdir, in_process=not args.subprocess)
     text = render(ws, chosen, log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.print_guide:

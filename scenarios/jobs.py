@@ -122,6 +122,7 @@ class Workspace:
                 raise ValueError(f"two different jobs are named {job.name!r}: {known} and {job}")
             return self.trace_dir(job)
         trace_dir = self.trace_dir(job)
+        os.makedirs(self.root, exist_ok=True)  # the working directory of subprocess jobs
         if os.path.exists(trace_dir):
             shutil.rmtree(trace_dir)
         start = time.monotonic()
