@@ -16,12 +16,12 @@ from scenarios.catalog import SCENARIOS, Scenario
 from scenarios.jobs import Workspace
 from scenarios.lessons import INTRO, LESSONS
 
-COMMAND_LINE_KEY = "run.command_line"
+COMMAND_LINE_KEYS = ("    run.command_line: ", "    command_line: ")
 
 
 def _trim(text: str) -> str:
-    """The report without the environment diff's command-line entry (long, and the same as the commands shown)."""
-    keep = [line for line in text.splitlines() if COMMAND_LINE_KEY not in line]
+    """The report without the environment diff's command-line entries (long, and the same as the commands shown)."""
+    keep = [line for line in text.splitlines() if not line.startswith(COMMAND_LINE_KEYS)]
     return "\n".join(keep)
 
 
