@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     tol.add_argument("--rtol", type=float, help="relative tolerance (as numpy.allclose, symmetric)")
     tol.add_argument("--atol", type=float, help="absolute tolerance (as numpy.allclose)")
     tol.add_argument("--auto", action="store_true",
-                     help="round-off bound: max_rel > FACTOR * eps(dtype) * K (K: --reduction-length)")
+                     help="round-off bound: max|a-b|/max|x| > FACTOR * eps(dtype) * K, with max|x| the tensor's "
+                          "largest magnitude (K: --reduction-length)")
     tol.add_argument("--noise", metavar="C",
                      help="a repeat of run A: a difference counts when max_rel > FACTOR * max_rel(A, C)")
     tol.add_argument("--factor", type=float, default=None,

@@ -9,7 +9,7 @@ Documented in ``docs/analyzer.md``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +61,49 @@ def cause_for_kind(kind: str, *, initial: bool = False) -> str:
         return "init"
     return {"input": "data", "loss": "numerics", "local_grad": "numerics", "allreduced_grad": "allreduce",
             "optimizer_slot": "optimizer", "weight": "optimizer"}[kind]
+
+
+SINGLE_FAULT_NEXT = ("Rerun with that replica on another device (or swap two replicas' devices) and see whether the "
+                     "difference follows the device; check the device's memory (ECC error counters, a memory "
+                     "test), and look for code that depends on the replica id or for an injected fault.")
+"""What to try next when the difference is confined to one element of one replica."""
+
+LOCAL_KINDS = ("loss", "local_grad")
+
+
+def single_fault(*, kind: str, n_diff: Optional[int], size: int, replicas: Sequence[int], num_replicas: int,
+                 first_index=None) -> Optional[str]:
+    """The detail sentence for a difference confined to one element on one replica, else None.
+
+    A kernel, flag or version change moves many elements, on every replica. One
+    element on one replica is the signature of a fault on that replica's device
+    (a flipped bit, faulty memory) or of code that treats replicas differently,
+    whatever stage of the step it shows in, so the cause keeps its name and only
+    the detail and the next step change.
+
+    Args:
+        kind: Kind of the origin tensor.
+        n_diff: Differing elements (None when only fingerprints were compared).
+        size: Elements in the tensor.
+        replicas: The replicas where it differs.
+        num_replicas: Replicas compared.
+        first_index: Index of the differing element (full tensors).
+    """
+    if len(replicas) != 1:
+        return None
+    replica = replicas[0]
+    one_of_several = num_replicas > 1
+    suspect = "suspect that replica's device (bit flip, faulty memory) or code that treats replicas differently"
+    if n_diff is not None:
+        # A scalar differs in "one element" by construction: only on one replica of several does that say something.
+        if n_diff != 1 or (size <= 1 and not one_of_several):
+            return None
+        at = f"index {tuple(first_index)}" if first_index else "its only element"
+        if one_of_several:
+            return f"one element on one replica ({at} on replica {replica} only): {suspect}"
+        return (f"one element of the tensor differs ({at}): suspect the device (bit flip, faulty memory) or an "
+                f"injected fault; kernel changes move many elements")
+    if kind in LOCAL_KINDS and one_of_several:
+        return (f"only replica {replica} of {num_replicas} differs (fingerprints; full tensors at this step would "
+                f"give the element count): {suspect}")
+    return None

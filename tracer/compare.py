@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tracer import schema
-from tracer.causes import CAUSES, cause_for_kind
+from tracer.causes import CAUSES, SINGLE_FAULT_NEXT, cause_for_kind, single_fault
 from tracer.envdiff import env_diff
 from tracer.errors import TraceMismatchError
 from tracer.metrics import Diff, compare_full, compare_stats, stats_bounds, ulp_distance_scalar
@@ -55,6 +55,8 @@ class Finding:
     n_inherited: int = 0
     detail: str = ""
     nonfinite_origin: Optional[Dict[str, Any]] = None
+    next_step: Optional[str] = None
+    """What to try next when the pattern says more than the cause (None: the cause's own advice)."""
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"step": self.step, "kind": self.kind, "tensor": self.tensor, "micro_step": self.micro_step,
@@ -69,6 +71,7 @@ class Finding:
         d["inherited"] = self.inherited
         d["n_inherited"] = self.n_inherited
         d["nonfinite_origin"] = self.nonfinite_origin
+        d["next_step"] = self.next_step or CAUSES[self.cause].next_step
         return d
 
 
@@ -110,7 +113,7 @@ class Result:
             "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,
             "cause": cause,
             "explanation": CAUSES[cause].explanation if cause else None,
-            "next_step": CAUSES[cause].next_step if cause else None,
+            "next_step": (self.first.next_step or CAUSES[cause].next_step) if cause else None,
             "tolerance": self.tolerance.to_dict(),
             "env_diff": self.env_diff,
             "steps_compared": self.steps,
@@ -201,6 +204,13 @@ class Comparison:
             raise TraceMismatchError(
                 f"{b.readers[0].path}: no tensor in common with {a.readers[0].path} (different models?). "
                 f"Compare traces of the same model")
+        # Per-replica tensors may legitimately change shape between two runs of
+        # one model: under gradient accumulation the input is a micro-batch.
+        # They are left out with a note; a global tensor of another shape means
+        # another model, which stays an error.
+        reshaped = sorted(k for k in common if k[0] not in schema.GLOBAL_KINDS
+                          and (spec_a[k].shape, spec_a[k].dtype) != (spec_b[k].shape, spec_b[k].dtype))
+        compared = common - set(reshaped)
         if only_a or only_b:
             def names(keys):
                 shown = ", ".join(_label(spec_a.get(k) or spec_b[k]) for k in keys[:5])
@@ -208,18 +218,16 @@ class Comparison:
             message = (f"the runs trace different tensors (different models?): only in A: {len(only_a)}"
                        f"{' (' + names(only_a) + ')' if only_a else ''}; only in B: {len(only_b)}"
                        f"{' (' + names(only_b) + ')' if only_b else ''}")
+            # The count is of the tensors actually compared: common ones of
+            # another shape are not (their own note follows).
+            what = (f"the {len(compared)} common tensors" if not reshaped else
+                    f"{len(compared)} of the {len(common)} common tensors ({len(reshaped)} of another shape "
+                    f"{'is' if len(reshaped) == 1 else 'are'} not)")
             if self.strict:
-                raise TraceMismatchError(f"{b.readers[0].path}: {message}. Drop --strict to compare the "
-                                         f"{len(common)} common tensors")
-            self.notes.append(f"{message}; compared the {len(common)} common tensors")
-        # Per-replica tensors may legitimately change shape between two runs of
-        # one model: under gradient accumulation the input is a micro-batch.
-        # They are left out with a note; a global tensor of another shape means
-        # another model, which stays an error.
-        reshaped = sorted(k for k in common if k[0] not in schema.GLOBAL_KINDS
-                          and (spec_a[k].shape, spec_a[k].dtype) != (spec_b[k].shape, spec_b[k].dtype))
+                raise TraceMismatchError(f"{b.readers[0].path}: {message}. Drop --strict to compare {what}")
+            self.notes.append(f"{message}; compared {what}")
         if reshaped:
-            common -= set(reshaped)
+            common = compared
             shown = "; ".join(f"{_label(spec_a[k])} {list(spec_a[k].shape)} {spec_a[k].dtype} vs "
                               f"{list(spec_b[k].shape)} {spec_b[k].dtype}" for k in reshaped[:3])
             more = f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""
@@ -521,6 +529,11 @@ class Comparison:
         inherited = [{"kind": self.specs[c].kind, "tensor": self.specs[c].name,
                       "micro_step": self.specs[c].micro_step} for c in inherited_cols[:20]]
         cause, detail, nonfinite_origin = self._cause(spec, j, k, per_pair, diff)
+        next_step = None
+        hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=spec.size, replicas=replicas,
+                            num_replicas=len(self.pairs), first_index=diff.first_index)
+        if hint:
+            detail, next_step = f"{detail}; {hint}", SINGLE_FAULT_NEXT
         if not bitwise and not self.tol.bitwise:
             earlier = [c for c in diff_cols if c < j]
             if earlier:
@@ -529,7 +542,7 @@ class Comparison:
         return Finding(step=step, kind=spec.kind, tensor=spec.name, micro_step=spec.micro_step,
                        replica=pa.replica, replica_b=pb.replica, replicas=replicas, diff=diff, verdict=verdict,
                        cause=cause, inherited=inherited, n_inherited=len(inherited_cols), detail=detail,
-                       nonfinite_origin=nonfinite_origin)
+                       nonfinite_origin=nonfinite_origin, next_step=next_step)
 
     def _diff(self, pa: TraceReader, pb: TraceReader, j: int, step: int, sa, sb) -> Diff:
         spec = self.specs[j]

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from tracer import schema
-from tracer.causes import CAUSES
+from tracer.causes import CAUSES, SINGLE_FAULT_NEXT, single_fault
 from tracer.compare import CHUNK_ROWS, order_keys
 from tracer.envdiff import env_diff
 from tracer.metrics import compare_full, compare_stats
@@ -83,7 +83,7 @@ def check_run(run: Run, *, chunk_rows: int = CHUNK_ROWS, progress: bool = False)
         "first_bitwise": first,
         "cause": cause,
         "explanation": CAUSES[cause].explanation if cause else None,
-        "next_step": CAUSES[cause].next_step if cause else None,
+        "next_step": first["next_step"] if cause else None,
         "tolerance": Tolerance().to_dict(),
         "env_diff": diff_env,
         "steps_compared": {"count": int(steps.size), "first": int(steps[0]) if steps.size else None,
@@ -135,9 +135,13 @@ def _describe(run: Run, key, spec, step, hashes, *, row: Optional[int] = None, i
     verdict = Tolerance().judge(diff, spec.dtype)
     d["verdict"] = {"beyond": True, "metric": verdict.metric, "value": verdict.value,
                     "threshold": verdict.threshold, "text": verdict.text()}
+    detail = (f"replicas {odd} disagree with replica {ref.replica} (and the majority of {len(hashes)} "
+              f"replicas) on {spec.kind} {spec.label}")
+    hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=spec.size, replicas=odd,
+                        num_replicas=len(hashes), first_index=diff.first_index)
     d.update(cause="replica_desync", inherited=[], n_inherited=0, nonfinite_origin=None,
-             detail=f"replicas {odd} disagree with replica {ref.replica} (and the majority of {len(hashes)} "
-                    f"replicas) on {spec.kind} {spec.label}")
+             detail=f"{detail}; {hint}" if hint else detail,
+             next_step=SINGLE_FAULT_NEXT if hint else CAUSES["replica_desync"].next_step)
     return d
 
 

@@ -5,13 +5,18 @@ Both paths report the same four numbers so every verdict reads alike:
 - ``n_diff``: elements whose bits differ;
 - ``max_abs``: max ``|a_i - b_i|``;
 - ``max_rel``: max ``|a_i - b_i| / max(|a_i|, |b_i|)`` (symmetric, elementwise);
-- ``max_ulp``: max distance in units in the last place of the tensor's dtype.
+- ``max_ulp``: max distance in units in the last place of the tensor's dtype;
+- ``scaled_abs``: ``max_abs / max(|x|)``, the largest element of either tensor
+  as the scale (the round-off of a sum is bounded relative to the scale of its
+  terms, not to the value of each element, which cancellation can make tiny).
 
 From fingerprints only (hash, L2 norm, max |x|, NaN and Inf counts) the element
 values are unknown, so the metrics are *lower bounds* that follow from the
 triangle inequality: ``max_i |a_i - b_i| >= | max|a| - max|b| |`` and
 ``>= | ||a|| - ||b|| | / sqrt(n)``; the element that reaches the first bound
-also bounds ``max_rel`` and ``max_ulp`` from below. ``n_diff`` is then unknown
+also bounds ``max_rel`` and ``max_ulp`` from below, and since ``max_abs`` is
+in the fingerprint, ``scaled_abs`` is bounded by the ``max_abs`` bound over the
+exact scale. ``n_diff`` is then unknown
 (None). A differing hash with equal statistics gives bounds of 0: the tensors
 differ, by how much needs full tensors.
 """
@@ -58,11 +63,13 @@ class Diff:
     source: str = "full"
     excess: float = 0.0
     """Max of ``|a_i - b_i| - rtol * max(|a_i|, |b_i|)`` for the ``rtol`` it was computed with."""
+    scaled_abs: float = 0.0
+    """``max_abs / max |x|`` over both tensors (finite elements); lower bound when ``source == "stats"``."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["first_index"] = list(self.first_index) if self.first_index is not None else None
-        for key in ("max_abs", "max_rel", "max_ulp", "excess"):
+        for key in ("max_abs", "max_rel", "max_ulp", "excess", "scaled_abs"):
             d[key] = _json_float(d[key])
         return d
 
@@ -169,14 +176,32 @@ def compare_full(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float = 0.0) ->
             max_rel = max(max_rel, float(rel.max()))
             max_ulp = max(max_ulp, float(ulp.max()))
             excess = max(excess, float((absd - rtol * scale).max()))
+    scaled = 0.0
+    if n_diff and not nonfinite:
+        scale = max(_max_abs_finite(a, dtype), _max_abs_finite(b, dtype))
+        scaled = max_abs / scale if scale > 0 else (math.inf if max_abs > 0 else 0.0)
     if nonfinite:
-        max_abs = max_rel = max_ulp = excess = math.inf
+        max_abs = max_rel = max_ulp = excess = scaled = math.inf
     if excess == -math.inf:
         excess = 0.0
     first_index = tuple(int(i) for i in np.unravel_index(first, shape)) if first is not None and shape else (
         () if first is not None else None)
     return Diff(n_diff=n_diff, size=size, max_abs=max_abs, max_rel=max_rel, max_ulp=max_ulp,
-                first_index=first_index, nonfinite=nonfinite, source="full", excess=excess)
+                first_index=first_index, nonfinite=nonfinite, source="full", excess=excess, scaled_abs=scaled)
+
+
+def _max_abs_finite(x: np.ndarray, dtype: str) -> float:
+    """Max |x| over the finite elements of ``x`` (0 if none), block by block."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    best = 0.0
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        block = flat[start:start + BLOCK_ELEMENTS]
+        if block.dtype == np.bool_:
+            block = block.astype(np.uint8)
+        v = np.abs(to_float(block, dtype) if dtype == "bfloat16" else block.astype(np.float64, copy=False))
+        if v.size:
+            best = max(best, float(np.max(v, where=np.isfinite(v), initial=0.0)))
+    return best
 
 
 def _dense_block(x: np.ndarray, y: np.ndarray, int_type, rtol: float):
@@ -246,7 +271,9 @@ def compare_stats(sa: dict, sb: dict, size: int, dtype: str, rtol: float = 0.0) 
     nonfinite = abs(int(sa["nan"]) - int(sb["nan"])) + abs(int(sa["inf"]) - int(sb["inf"]))
     max_abs, max_rel = float(lb_abs), float(lb_rel)
     excess = max_abs - rtol * max(float(sa["max_abs"]), float(sb["max_abs"]))
+    # lb_rel is lb_abs over max(max|a|, max|b|), the exact scale: also the scaled_abs bound.
+    scaled = max_rel
     if nonfinite:
-        max_abs = max_rel = ulp = excess = math.inf
+        max_abs = max_rel = ulp = excess = scaled = math.inf
     return Diff(n_diff=None, size=size, max_abs=max_abs, max_rel=max_rel, max_ulp=ulp, first_index=None,
-                nonfinite=nonfinite, source="stats", excess=excess)
+                nonfinite=nonfinite, source="stats", excess=excess, scaled_abs=scaled)

@@ -106,7 +106,7 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
         lines.append(f"  cause: {first['cause']}: {c.explanation}")
         if first.get("detail"):
             lines.append(f"         {escape(first['detail'])}")
-        lines.append(f"  next: {c.next_step}")
+        lines.append(f"  next: {first.get('next_step') or c.next_step}")
         lines.append(f"  magnitude: {magnitude(first)}")
         if first["replicas"] and len(first["replicas"]) > 1:
             lines.append(f"  replicas where it differs: {first['replicas']}")
@@ -177,7 +177,7 @@ def tol_text(tol: Dict[str, Any]) -> str:
     if mode == "allclose":
         return f"|a-b| > atol + rtol*|x|, rtol={tol['rtol']:g}, atol={tol['atol']:g}"
     if mode == "auto":
-        return (f"auto: max_rel > {tol['factor']:g} * eps(dtype) * K, K={tol['reduction_length']} "
+        return (f"auto: {tol['metric']} > {tol['factor']:g} * eps(dtype) * K, K={tol['reduction_length']} "
                 f"(float32: {num(tol['thresholds']['float32'])})")
     return f"noise: max_rel > {tol['factor']:g} * max_rel(A, repeat of A)"
 

@@ -6,12 +6,18 @@ Modes:
 - ``ulp``: ``max_ulp > N`` counts.
 - ``allclose``: an element with ``|a - b| > atol + rtol * max(|a|, |b|)`` counts
   (the metric is ``max(|a - b| - rtol * max(|a|, |b|))`` against ``atol``).
-- ``auto``: round-off bound ``max_rel > factor * eps(dtype) * K``, with ``K`` the
-  reduction length (the longest sum behind a value); integer tensors stay bitwise.
+- ``auto``: round-off bound ``max|a-b|/max|x| > factor * eps(dtype) * K``, with
+  ``K`` the reduction length (the longest sum behind a value) and ``max|x|`` the
+  tensor's largest magnitude in either run; integer tensors stay bitwise. The
+  bound is scale-relative, as in the error analysis of a sum: reordering a sum
+  of ``K`` terms moves it by up to about ``eps * K * sum|terms|``, whatever the
+  value of the sum. An element-wise relative error would call any reordered sum
+  that cancels to nearly zero (a gradient element) a divergence.
 - ``noise``: ``max_rel > factor * noise`` where ``noise`` is the same tensor's
   max_rel, at the same step, between run A and a repeat of it; where the repeat
   is bitwise identical to A the threshold is bitwise.
 
+``ulp`` and ``allclose`` stay element-wise: they are explicit user choices.
 A difference in NaN/Inf counts always counts. From fingerprints alone the
 metrics are lower bounds (see :mod:`tracer.metrics`), so "beyond tolerance" is
 then certain and "within tolerance" means "not shown to exceed it".
@@ -30,6 +36,9 @@ MODES = ("bitwise", "ulp", "allclose", "auto", "noise")
 
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 """Machine epsilon (spacing of 1.0) per dtype."""
+
+AUTO_METRIC = "max|a-b|/max|x|"
+"""The metric of mode ``auto``: ``Diff.scaled_abs``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +102,7 @@ class Tolerance:
 
     def metric_name(self) -> str:
         return {"bitwise": "differing bits", "ulp": "max_ulp", "allclose": "max(|a-b| - rtol*|x|)",
-                "auto": "max_rel", "noise": "max_rel"}[self.mode]
+                "auto": AUTO_METRIC, "noise": "max_rel"}[self.mode]
 
     def threshold(self, dtype: str, noise: Optional[float] = None) -> float:
         """Threshold of the metric for a tensor of ``dtype`` (``noise``: its noise max_rel, -1 if bitwise equal)."""
@@ -116,7 +125,7 @@ class Tolerance:
             if diff.n_diff is None:
                 return Verdict(True, "fingerprint hash", "differs", "identical bits")
             return Verdict(True, "n_diff (differing elements)", diff.n_diff, 0)
-        value = {"ulp": diff.max_ulp, "allclose": diff.excess, "auto": diff.max_rel,
+        value = {"ulp": diff.max_ulp, "allclose": diff.excess, "auto": diff.scaled_abs,
                  "noise": diff.max_rel}[self.mode]
         strict_bits = self.mode == "noise" and (noise is None or noise < 0) or (
             self.mode == "auto" and dtype not in EPS)
@@ -126,8 +135,10 @@ class Tolerance:
     def beyond_matrix(self, ne, lb_abs, lb_rel, lb_ulp, scale, nonfinite, dtypes, noise=None) -> np.ndarray:
         """Vectorized :meth:`judge` over a (rows, columns) block of fingerprint lower bounds.
 
-        ``ne``: hashes differ; ``dtypes``: per column; ``noise``: per cell max_rel
-        of the repeat (-1 where bitwise equal) or None.
+        ``ne``: hashes differ; ``lb_rel``: the ``max_abs`` bound over the scale
+        ``max(max|a|, max|b|)`` (so also the ``scaled_abs`` bound of mode ``auto``);
+        ``dtypes``: per column; ``noise``: per cell max_rel of the repeat (-1
+        where bitwise equal) or None.
         """
         if self.mode == "bitwise":
             return ne
@@ -167,6 +178,6 @@ class Tolerance:
         if self.mode == "allclose":
             return f"|a-b| > atol + rtol*|x| with rtol={self.rtol:g}, atol={self.atol:g}"
         if self.mode == "auto":
-            return (f"auto: max_rel > {self.factor:g} * eps(dtype) * K, K={self.reduction_length} "
+            return (f"auto: {AUTO_METRIC} > {self.factor:g} * eps(dtype) * K, K={self.reduction_length} "
                     f"(float32: {self.threshold('float32'):.3g})")
         return f"noise: max_rel > {self.factor:g} * max_rel(A, repeat of A)"

@@ -216,3 +216,18 @@ def test_analyzer_never_imports_tensorflow(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_notes_count_the_tensors_actually_compared(tmp_path, good, capsys):
+    # Accumulation: B traces micro-step gradients A lacks, and its input is a micro-batch (skipped).
+    run = write_run(tmp_path / "micro", tensors=model_tensors(batch=(2, 4), accumulate=2))
+    assert main([good, run, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    common = len(model_tensors())
+    compared = report["tensors"]["compared"]
+    assert compared == common - 1
+    note = next(n for n in report["notes"] if n.startswith("the runs trace different tensors"))
+    assert note.endswith(f"; compared {compared} of the {common} common tensors (1 of another shape is not)"), note
+    assert main([good, run, "--strict"]) == 2
+    assert error_line(capsys).endswith(f"Drop --strict to compare {compared} of the {common} common tensors "
+                                       f"(1 of another shape is not)")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.unit.tracegen import Plant, write_run
+from tests.unit.tracegen import Plant, _base, model_tensors, write_run
 from tracer.bisect import main
 from tracer.metrics import compare_full, compare_stats
 from tracer.hashing import tensor_stats
@@ -33,7 +33,7 @@ def runs(request, tmp_path):
     (["--ulp", "16"], "max_ulp"),
     (["--rtol", "1e-5"], "max(|a-b| - rtol*|x|)"),
     (["--rtol", "1e-5", "--atol", "1e-6"], "max(|a-b| - rtol*|x|)"),
-    (["--auto"], "max_rel"),
+    (["--auto"], "max|a-b|/max|x|"),
 ])
 def test_first_bitwise_and_first_beyond_tolerance(runs, capsys, flags, metric):
     a, b, full = runs
@@ -87,13 +87,88 @@ def test_noise_floor_from_a_repeated_run(tmp_path, capsys):
 
 
 def test_auto_threshold_scales_with_eps_and_reduction_length(tmp_path, capsys):
+    # 2.5e-7 relative on the tensor's largest element: max|a-b|/max|x| is 2.5e-7 too.
+    spec = next(t for t in model_tensors() if (t.kind, t.name) == ("local_grad", "dense/kernel"))
+    largest = int(np.argmax(np.abs(_base(spec, 3, 0, seed=0))))
     a = write_run(tmp_path / "a", full=True)
-    b = write_run(tmp_path / "b", plants=[SMALL], full=True)
+    b = write_run(tmp_path / "b", plants=[Plant(3, "local_grad", "dense/kernel", replica=0, rel=2.5e-7,
+                                                index=largest, persist=False)], full=True)
     rc, d = bisect_json(capsys, a, b, "--auto", "--reduction-length", "1")
     assert rc == 1 and d["first_step"] == 3  # 2.5e-7 > eps(float32) * 1
     assert d["first"]["verdict"]["threshold"] == pytest.approx(2.0**-23)
+    assert d["first"]["verdict"]["value"] == pytest.approx(2.5e-7, rel=0.3)  # float32 rounding of the change
     rc, d = bisect_json(capsys, a, b, "--auto")
     assert rc == 0 and d["tolerance"]["reduction_length"] == 16  # 8 (batch dim) x 2 replicas
+
+
+def _sequential_sum(terms: np.ndarray, order) -> np.ndarray:
+    """Float32 sum over axis 0, one term after the other in ``order`` (as a loop or a ring all-reduce adds)."""
+    acc = np.zeros(terms.shape[1:], np.float32)
+    for i in order:
+        acc = acc + terms[i]
+    return acc
+
+
+def test_auto_bound_is_relative_to_the_tensors_scale_not_to_each_element():
+    # The same 256-term sums in two orders: the round-off of each sum is bounded by eps * K * sum|terms|,
+    # and the sums that cancel to nearly zero have a large relative error of their own.
+    k = 256
+    terms = np.random.default_rng(0).standard_normal((k, 64, 32)).astype(np.float32)
+    a = _sequential_sum(terms, range(k))
+    tol = Tolerance("auto", reduction_length=k)
+    threshold = tol.threshold("float32")
+    for b in (_sequential_sum(terms, reversed(range(k))),
+              _sequential_sum(terms, range(k // 2)) + _sequential_sum(terms, range(k // 2, k))):
+        d = compare_full(a, b, "float32")
+        assert d.n_diff > 0 and d.max_rel > threshold  # element-wise, it would be called a divergence
+        assert d.scaled_abs == pytest.approx(d.max_abs / float(np.abs(a).max()), rel=1e-3)
+        v = tol.judge(d, "float32")
+        assert not v.beyond and v.metric == "max|a-b|/max|x|" and v.value < threshold
+    # A real change: 1e-3 relative on the largest element is far beyond round-off.
+    changed = a.copy()
+    i = np.unravel_index(np.argmax(np.abs(a)), a.shape)
+    changed[i] *= np.float32(1 + 1e-3)
+    v = tol.judge(compare_full(a, changed, "float32"), "float32")
+    assert v.beyond and v.value == pytest.approx(1e-3, rel=1e-3)
+    # From fingerprint statistics the metric is a lower bound, with the same threshold.
+    stats = [dict(zip(("l2", "max_abs", "nan", "inf"), tensor_stats(x))) for x in (a, changed)]
+    v = tol.judge(compare_stats(*stats, a.size, "float32"), "float32")
+    assert v.beyond and v.value == pytest.approx(1e-3, rel=1e-3)
+
+
+WIDE = model_tensors(variables=(("dense/kernel", (64, 32)), ("dense/bias", (32,)), ("out/kernel", (32, 2))))
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "fingerprints"])
+def test_auto_passes_reordered_sum_noise_and_fails_a_real_change(tmp_path, capsys, full):
+    # Every element of an all-reduced gradient moves by up to 4 eps of the tensor's largest value, as when
+    # 1 and 2 replicas add the same terms in another order; K = 64 x 2 replicas.
+    noise = Plant(2, "allreduced_grad", "dense/kernel", replica=None, jitter=4 * 2.0**-23, persist=False)
+    a = write_run(tmp_path / "a", tensors=WIDE, full=full)
+    b = write_run(tmp_path / "b", tensors=WIDE, plants=[noise], full=full)
+    rc, d = bisect_json(capsys, a, b, "--auto")
+    fb = d["first_bitwise"]
+    assert rc == 0 and d["first"] is None
+    assert (fb["step"], fb["kind"], fb["tensor"], fb["cause"]) == (2, "allreduced_grad", "dense/kernel", "allreduce")
+    assert fb["verdict"]["metric"] == "max|a-b|/max|x|" and fb["verdict"]["beyond"] is False
+    threshold = 2.0**-23 * 128
+    assert fb["verdict"]["threshold"] == pytest.approx(threshold)
+    if full:
+        assert fb["max_rel"] > threshold  # near-zero elements: element-wise, this noise would count
+    # A real change on top, later: 1e-3 relative on the largest element of a weight.
+    spec = next(t for t in WIDE if (t.kind, t.name) == ("weight", "out/kernel"))
+    largest = int(np.argmax(np.abs(_base(spec, 6, 0, seed=0))))
+    real = Plant(6, "weight", "out/kernel", replica=None, rel=1e-3, index=largest)
+    c = write_run(tmp_path / "c", tensors=WIDE, plants=[noise, real], full=full)
+    rc, d = bisect_json(capsys, a, c, "--auto")
+    f = d["first"]
+    assert rc == 1 and (f["step"], f["kind"], f["tensor"]) == (6, "weight", "out/kernel")
+    assert f["verdict"]["beyond"] and f["verdict"]["value"] == pytest.approx(1e-3, rel=1e-2)
+    assert d["first_bitwise"]["step"] == 2
+    assert main([a, c, "--auto"]) == 1
+    verdict = capsys.readouterr().out.splitlines()[1]
+    assert verdict.startswith("  verdict: max|a-b|/max|x| = 0.000999 > 1.53e-05  [tolerance: auto: "
+                              "max|a-b|/max|x| > 1 * eps(dtype) * K, K=128 (float32: 1.53e-05)]"), verdict
 
 
 def test_nonfinite_is_always_beyond_tolerance(tmp_path, capsys):
@@ -138,3 +213,16 @@ def test_tolerance_rejects_bad_values():
         Tolerance("allclose", rtol=-0.1)
     with pytest.raises(ValueError, match="`mode` must be one of"):
         Tolerance("fuzzy")
+
+
+def test_scaled_abs_bound_from_statistics_never_exceeds_the_truth():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        a = rng.standard_normal(50).astype(np.float32)
+        b = (a + rng.standard_normal(50) * 10.0 ** rng.integers(-7, -1)).astype(np.float32)
+        exact = compare_full(a, b, "float32")
+        stats = [dict(zip(("l2", "max_abs", "nan", "inf"), tensor_stats(x))) for x in (a, b)]
+        bound = compare_stats(*stats, a.size, "float32")
+        scale = max(np.abs(a).max(), np.abs(b).max())
+        assert exact.scaled_abs == pytest.approx(exact.max_abs / scale, rel=1e-12)
+        assert bound.scaled_abs <= exact.scaled_abs * (1 + 1e-9) + 1e-12

@@ -58,6 +58,11 @@ class Plant:
     initial: bool = False
     index: Optional[int] = None
     """Flat index of the one element to change (default: every element, or element 0 for ``value``)."""
+    flip_bit: Optional[int] = None
+    """Flip this bit of element ``index`` (default 0) instead, as a faulty device would."""
+    jitter: float = 0.0
+    """Move every element by up to ``jitter * max|x|`` instead (random sign and size, seeded): the
+    round-off of a sum computed in another order, which is bounded relative to the scale of the terms."""
 
 
 def _base(spec: TensorSpec, step: int, replica: int, seed: int, initial: bool = False) -> np.ndarray:
@@ -100,7 +105,17 @@ def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
         hit = _affected(plant, specs, j, step, replica, initial)
         if not hit or specs[j].name == "iteration":
             continue
-        if hit == 1 and plant.value is not None:
+        if hit == 1 and plant.flip_bit is not None:
+            x = x.copy()
+            bits = x.reshape(-1).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+            bits[plant.index or 0] ^= bits.dtype.type(1 << plant.flip_bit)
+        elif hit == 1 and plant.jitter:
+            # Global kinds move alike on every replica (as an all-reduce result does).
+            who = replica if specs[j].kind not in schema.GLOBAL_KINDS else -1
+            rng = np.random.default_rng(zlib.crc32(f"jitter|{step}|{who}|{specs[j].name}".encode()))
+            scale = float(np.max(np.abs(x)))
+            x = (x + plant.jitter * scale * rng.uniform(-1.0, 1.0, x.shape)).astype(x.dtype)
+        elif hit == 1 and plant.value is not None:
             x = x.copy()
             x.reshape(-1)[plant.index or 0] = plant.value
         elif hit == 1 and plant.index is not None:
