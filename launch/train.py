@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the plain tf.distribute strategies and write no trace (for comparison)")
     g.add_argument("--save-weights", metavar="PATH.npz",
                    help="rank 0 saves the final weights, keyed by variable path")
+    g = p.add_argument_group("checkpoints (resume)")
+    g.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save model and optimizer with tf.train.Checkpoint into DIR; on start, restore the latest "
+                        "checkpoint in DIR and train on to --steps optimizer steps, continuing the trace in new "
+                        "segment files (default --trace-dir: DIR/trace, so the same command resumes)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="save a checkpoint every N optimizer steps (always at the end); needs --checkpoint-dir")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
     g.add_argument("--batch-size", type=_positive_int, default=64,
@@ -127,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the reference job; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        parser.error(f"--checkpoint-every needs --checkpoint-dir. Received: --checkpoint-every "
+                     f"{args.checkpoint_every} without --checkpoint-dir")
     try:
         launcher = tf_config.detect_launcher()
     except ValueError as exc:
@@ -263,7 +274,10 @@ def _shared_choices(args, launcher, world):
     slurm_only = launcher.kind == "slurm" and world is None
     step_id = os.environ.get("SLURM_STEP_ID", "0")
     if trace_dir is None:
-        if slurm_only:
+        if args.checkpoint_dir is not None:
+            # A resumed job must find its trace again: tie it to the checkpoints.
+            trace_dir = os.path.join(args.checkpoint_dir, "trace")
+        elif slurm_only:
             trace_dir = os.path.join("traces", f"slurm-{job}.{step_id}")
         else:
             trace_dir = os.path.join("traces", f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
@@ -327,13 +341,16 @@ def _program() -> str:
 
 def _rerun_command(argv: List[str], launcher, world, other_dir: str) -> str:
     """The command line of a second run into ``other_dir``, same flags otherwise."""
+    # The second run gets its own trace and no checkpoints: with the same
+    # --checkpoint-dir it would resume this run instead of repeating it.
+    dropped = ("--trace-dir", "--checkpoint-dir", "--checkpoint-every")
     rest, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--trace-dir":
+        elif a in dropped:
             skip = True
-        elif not a.startswith("--trace-dir="):
+        elif not a.startswith(tuple(d + "=" for d in dropped)):
             rest.append(a)
     prefix = ""
     if world is not None and world.size > 1:
@@ -403,8 +420,12 @@ def run(args, argv: List[str], launcher, world) -> int:
             strategy.watch(model, optimizer)
 
         train_step = _make_train_step(tf, keras, strategy, model, optimizer, args, traced)
+        checkpoints = _Checkpoints(tf, args, model, optimizer, strategy if traced else None, rank)
+        start = checkpoints.restore()
+        # Batches are a pure function of the shuffle seed and their index, so a
+        # resumed job skips the ones the steps before `start` consumed.
         iterator = iter(strategy.experimental_distribute_dataset(
-            _make_dataset(tf, dataset, args.batch_size, shuffle_seed)))
+            _make_dataset(tf, dataset, args.batch_size, shuffle_seed).skip(start * args.accumulate)))
         fail_at = _fail_hook(rank)
         if is_chief:
             kind = "MultiWorkerMirroredStrategy" if multi_worker else "MirroredStrategy"
@@ -415,17 +436,21 @@ def run(args, argv: List[str], launcher, world) -> int:
 
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, unit="step", desc="train", disable=not is_chief or args.no_progress,
-                   file=sys.stderr)
+        bar = tqdm(total=args.steps, initial=min(start, args.steps), unit="step", desc="train",
+                   disable=not is_chief or args.no_progress, file=sys.stderr)
         loss = float("nan")
         with bar:
-            for step in range(args.steps):
+            # `step` is the optimizer's iteration counter, restored with the checkpoint.
+            for step in range(start, args.steps):
                 if fail_at == step:
                     raise RuntimeError(f"{FAIL_RANK_ENV}={rank}: deliberate failure on rank {rank} "
                                        f"at step {step} (test hook)")
                 loss = float(train_step(iterator))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                    checkpoints.save(step + 1)
+            checkpoints.save(max(start, args.steps))
         if args.save_weights and is_chief:
             import numpy as np
 
@@ -438,6 +463,52 @@ def run(args, argv: List[str], launcher, world) -> int:
     if is_chief:
         _report(args, argv, launcher, world, trace_dir, loss)
     return 0
+
+
+class _Checkpoints:
+    """``--checkpoint-dir``: model and optimizer in a tf.train.Checkpoint, restored on start."""
+
+    def __init__(self, tf, args, model, optimizer, traced_strategy, rank: int):
+        self._optimizer = optimizer
+        self._strategy = traced_strategy
+        self._saved = None
+        self._manager = None
+        if args.checkpoint_dir is not None:
+            ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+            # Under MultiWorkerMirroredStrategy every worker saves (the save is a
+            # collective); only the chief's copy is the checkpoint, the others write beside it.
+            directory = args.checkpoint_dir if rank == 0 else os.path.join(args.checkpoint_dir, "workers", str(rank))
+            self._manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=2)
+            self._restore_path = tf.train.latest_checkpoint(args.checkpoint_dir)
+            self._ckpt = ckpt
+        self._is_chief = rank == 0
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint, if any; returns the optimizer step to start from."""
+        if self._manager is None or self._restore_path is None:
+            return 0
+        self._ckpt.restore(self._restore_path).assert_existing_objects_matched()
+        start = int(self._optimizer.iterations.numpy())
+        self._saved = start
+        if self._is_chief:
+            print(f"train.py: restored {self._restore_path} at optimizer step {start}", flush=True)
+        return start
+
+    def save(self, step: int) -> None:
+        """Saves at optimizer step ``step`` (once per step).
+
+        The trace is flushed first: every traced step before the checkpoint is
+        on disk before the checkpoint exists, so a job killed later and resumed
+        from it loses no traced step (at worst it redoes some, which the
+        resumed trace segment replaces).
+        """
+        if self._manager is None or self._saved == step:
+            return
+        if self._strategy is not None:
+            for writer in self._strategy.trace_session.writers:
+                writer.flush()
+        self._manager.save(checkpoint_number=step)
+        self._saved = step
 
 
 def _make_strategy(tf, args, multi_worker: bool, devices, trace_dir, seeds, run_info):
@@ -508,8 +579,11 @@ def _report(args, argv: List[str], launcher, world, trace_dir: str, loss: float)
         why = "--no-trace" if args.no_trace else "--capture off"
         print(f"untraced run ({why}): no trace written")
         return
-    files = sorted(glob.glob(os.path.join(trace_dir, "replica-*.h5")),
-                   key=lambda p: int(os.path.basename(p)[8:-3]))
+    from tracer import schema
+
+    found = [(m, p) for p in glob.glob(os.path.join(trace_dir, "replica-*.h5"))
+             for m in [schema.TRACE_FILE_REGEX.match(os.path.basename(p))] if m]
+    files = [p for _, p in sorted(found, key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2) or 0)))]
     names = ", ".join(os.path.basename(p) for p in files) or "no replica files found"
     print(f"trace: {trace_dir} ({len(files)} file{'' if len(files) == 1 else 's'}: {names})")
     other = trace_dir.rstrip(os.sep) + "-b"

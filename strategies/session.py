@@ -28,6 +28,7 @@ from strategies.fingerprint import fingerprint_all
 from tracer import schema
 from tracer.config import CaptureConfig
 from tracer.errors import CaptureError
+from tracer.segments import segment_path
 from tracer.writer import TraceWriter
 
 _N_STATS = len(schema.STATS)
@@ -68,7 +69,8 @@ class TraceSession:
 
     Args:
         strategy: The traced strategy.
-        trace_dir: Directory receiving ``replica-<N>.h5``.
+        trace_dir: Directory receiving ``replica-<N>.h5`` (or, when the optimizer
+            was restored from a checkpoint, the next segment ``replica-<N>.seg<k>.h5``).
         config: What to capture.
         seeds: Seeds the run used, recorded in the trace.
         run_info: Free-form facts to record (command line, XLA flag...).
@@ -325,9 +327,11 @@ class TraceSession:
         os.makedirs(self.trace_dir, exist_ok=True)
         for i in range(n_local):
             replica = worker * n_local + i
-            path = os.path.join(self.trace_dir, schema.replica_file_name(replica))
+            # A job restored from a checkpoint (step0 > 0) continues the trace in a new segment file.
+            path, segment = segment_path(self.trace_dir, replica, step0, tensors=self.tensors, num_replicas=n_sync)
             writer = TraceWriter(path, self.tensors, config=self.config, initial_columns=initial_cols,
                                  attrs={**attrs, schema.ATTR_REPLICA: replica, schema.ATTR_LOCAL_REPLICA: i,
+                                        schema.ATTR_SEGMENT: segment,
                                         "device": self._strategy.extended.worker_devices[i]})
             self.writers.append(writer)
             initial = [self._read_component(self._variables[self.tensors[c].key], i) for c in initial_cols]

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-from tracer import schema
+from tracer import schema, segments
 from tracer.config import CaptureConfig
 from tracer.errors import TraceFormatError
 
@@ -195,11 +195,12 @@ class TraceReader:
             raise self._fail("not a tracer trace (no schema_version attribute). Pass a trace written by tracer")
         if not isinstance(version, int) or isinstance(version, bool):
             raise self._fail(f"schema_version must be an integer, found {version!r}")
-        if version != schema.SCHEMA_VERSION:
-            raise self._fail(f"schema version {version} is not supported (this tracer reads version "
-                             f"{schema.SCHEMA_VERSION}); use the tracer release that wrote it")
+        if version not in schema.READABLE_VERSIONS:
+            readable = " and ".join(str(v) for v in schema.READABLE_VERSIONS)
+            raise self._fail(f"schema version {version} is not supported (this tracer reads versions "
+                             f"{readable}); use the tracer release that wrote it")
         for name in (schema.ATTR_REPLICA, schema.ATTR_NUM_REPLICAS, schema.ATTR_INITIAL_STEP, schema.ATTR_WORKER,
-                     schema.ATTR_NUM_WORKERS, schema.ATTR_COMPLETE, schema.ATTR_LOCAL_REPLICA):
+                     schema.ATTR_NUM_WORKERS, schema.ATTR_COMPLETE, schema.ATTR_LOCAL_REPLICA, schema.ATTR_SEGMENT):
             value = attrs.get(name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise self._fail(f"root attribute {name} must be an integer >= 0, found {value!r}")
@@ -435,11 +436,32 @@ def find_replica_files(run_dir: str) -> List[str]:
     return [p for _, p in sorted(found)]
 
 
+def _open_replica(files: List[Tuple[int, str]]):
+    """A TraceReader for a replica of one file, a :class:`tracer.segments.JoinedReader` for several segments."""
+    if len(files) == 1 and files[0][0] == 0:
+        return TraceReader(files[0][1])
+    readers: List[Tuple[int, TraceReader]] = []
+    try:
+        for k, path in files:
+            readers.append((k, TraceReader(path)))
+    except BaseException:
+        for _, r in readers:
+            r.close()
+        raise
+    return segments.JoinedReader(readers)
+
+
 class Run:
     """All replica files of one run, checked to belong together.
 
+    A replica whose job was resumed from a checkpoint has several segments
+    (``replica-<N>.h5``, ``replica-<N>.seg<k>.h5``); they are joined in step
+    order by :class:`tracer.segments.JoinedReader`, later segments replacing
+    the steps they redid, and what the join did is told in ``notes``.
+
     Args:
-        path: A run directory (every ``replica-<N>.h5`` in it) or one trace file.
+        path: A run directory (every ``replica-<N>.h5`` and its segments in it)
+            or one trace file (read alone, without its segments).
 
     Raises:
         TraceFormatError: If a file is unreadable, or the files disagree on
@@ -455,13 +477,20 @@ class Run:
         if not os.path.exists(self.path):
             raise TraceFormatError(f"{self.path}: no such file or directory. Pass a trace file (replica-<N>.h5) or "
                                    f"a run directory")
-        files = find_replica_files(self.path) if os.path.isdir(self.path) else [self.path]
+        if os.path.isdir(self.path):
+            by_replica = segments.find_segments(self.path)
+            if not by_replica:
+                find_replica_files(self.path)  # raises the "no replica files" error
+        else:
+            by_replica = {0: [(0, self.path)]}
         self.readers: List[TraceReader] = []
         self.notes: List[str] = []
         try:
-            for f in files:
-                self.readers.append(TraceReader(f))
+            for files in by_replica.values():
+                self.readers.append(_open_replica(files))
             self._validate()
+            events = {r.replica: r.events for r in self.readers if isinstance(r, segments.JoinedReader)}
+            self.notes[:0] = segments.describe(self.path, events)
         except BaseException:
             self.close()
             raise

@@ -4,7 +4,9 @@ Every HDF5 path, attribute name and the schema version live here; the writer and
 the reader both import them and nothing else spells them out. The layout is
 documented for ``h5ls`` users in ``docs/trace-format.md``.
 
-Layout of ``<trace_dir>/replica-<global replica index>.h5``::
+Layout of ``<trace_dir>/replica-<global replica index>.h5`` (and of its segments
+``replica-<g>.seg<k>.h5``, written by a job resumed from a checkpoint; see
+``tracer/segments.py``)::
 
     /                       root attributes: the run environment (see ENV_ATTRS)
     /meta/tensors           JSON string: the tensor table, one record per column
@@ -31,11 +33,21 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from tracer.errors import TraceFormatError
 
-SCHEMA_VERSION = 1
-"""Bumped on any incompatible change of the layout below."""
+SCHEMA_VERSION = 2
+"""Bumped on any incompatible change of the layout below.
+
+Version 2 added segments: a resumed job continues a replica's trace in
+``replica-<g>.seg<k>.h5`` (root attribute ``segment`` = k). The files themselves
+are laid out as in version 1, but a version-1 reader would silently ignore the
+segments, so it must refuse the files instead."""
+READABLE_VERSIONS = (1, 2)
+"""Schema versions this reader accepts (a version-1 file is a run of one segment)."""
 
 FILE_PATTERN = "replica-{replica}.h5"
 FILE_REGEX = re.compile(r"^replica-(\d+)\.h5$")
+SEGMENT_PATTERN = "replica-{replica}.seg{segment}.h5"
+TRACE_FILE_REGEX = re.compile(r"^replica-(\d+)(?:\.seg(\d+))?\.h5$")
+"""Any trace file of a run directory: group 1 the replica, group 2 the segment (None for segment 0)."""
 
 # Root attributes.
 ATTR_SCHEMA = "schema_version"
@@ -49,11 +61,13 @@ ATTR_NUM_WORKERS = "num_workers"
 ATTR_INITIAL_STEP = "initial_step"
 ATTR_COMPLETE = "complete"
 """Set to 1 by a clean close; absent or 0 means the run stopped mid-way."""
+ATTR_SEGMENT = "segment"
+"""Segment index k: 0 for ``replica-<g>.h5``, k for ``replica-<g>.seg<k>.h5`` (schema 2; absent = 0)."""
 
 # Root attributes that legitimately differ between replicas of one run, or
 # between any two runs; the environment diff skips them.
 PER_FILE_ATTRS = frozenset({
-    ATTR_REPLICA, ATTR_LOCAL_REPLICA, ATTR_WORKER, ATTR_RUN_ID, ATTR_COMPLETE,
+    ATTR_REPLICA, ATTR_LOCAL_REPLICA, ATTR_WORKER, ATTR_RUN_ID, ATTR_COMPLETE, ATTR_SEGMENT,
     "device", "pid",
 })
 
@@ -204,5 +218,8 @@ def full_path(col: int, group: str = "") -> str:
     return f"{base}/{col:05d}"
 
 
-def replica_file_name(replica: int) -> str:
-    return FILE_PATTERN.format(replica=replica)
+def replica_file_name(replica: int, segment: int = 0) -> str:
+    """``replica-<g>.h5`` for segment 0, ``replica-<g>.seg<k>.h5`` for segment k >= 1."""
+    if segment == 0:
+        return FILE_PATTERN.format(replica=replica)
+    return SEGMENT_PATTERN.format(replica=replica, segment=segment)

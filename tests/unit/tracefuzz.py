@@ -185,7 +185,7 @@ def m_dataset_for_group(run, path, rng, ctx):
     return f"group /{name} replaced by a dataset", "error"
 
 
-SCHEMA_VALUES = [0, 2, 99, -1, 2**62, "1", b"1", 1.0, np.array([1, 1]), np.float32(1), True]
+SCHEMA_VALUES = [0, 3, 99, -1, 2**62, "1", b"1", 1.0, np.array([1, 1]), np.float32(1), True]
 
 
 def m_schema(run, path, rng, ctx):
