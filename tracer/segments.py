@@ -34,7 +34,7 @@ from tracer.errors import CaptureError, TraceFormatError
 
 # Differ between the processes of one resumed job by design; the environment
 # note about segments skips them.
-_RESTART_ATTRS = frozenset({"command_line", "run.command_line", "run.steps"})
+_RESTART_ATTRS = frozenset({schema.ATTR_INITIAL_STEP, "command_line", "run.command_line", "run.steps"})
 
 
 def find_segments(run_dir: str) -> Dict[int, List[Tuple[int, str]]]:
