@@ -51,20 +51,24 @@ the same rounding: the loss is still equal, but the summed gradient differs from
 first gradient in backprop order (the last layer's bias, 16 ULP), so the cause is `numerics`. The inputs are not compared (a micro-batch has another shape; the note says so).
 The growth line answers "how fast does it grow": it stays flat near 3e-6 of the weights' scale for 8 steps.
 """,
-    "5b": """**What it teaches.** `--auto` judges the same pair against a round-off bound (`eps * K`); the
-verdict line prints the metric and the threshold. `first bitwise difference` is still reported, because you
-need both answers: *when did the bits first differ* and *when did it stop being round-off*.
+    "5b": """**What it teaches.** `--auto` judges the same pair against a round-off bound: the largest
+difference relative to the tensor's largest value (`max|a-b|/max|x|`) against `eps * K`, the bound of a sum of
+`K` terms added in another order. Accumulation stays within it at every step, so the verdict is "round-off"
+and the exit status 0; the line prints the metric and the threshold that decided it. `first bitwise
+difference` is still reported, because you need both answers: *when did the bits first differ* and *is it
+more than round-off*.
 """,
     "6a": """**What it teaches.** With the same global batch, 1 and 2 replicas compute the same mathematical
 gradient, but the all-reduce adds the replicas' partial gradients in another order. Local quantities are not
 comparable across replica counts (the note says so); on the global ones the first difference is the
 all-reduced gradient at step 0, so the cause is `allreduce`. The growth line stays at round-off size.
 """,
-    "6b": """**What it teaches.** The automatic bound is element-wise relative (`max_rel`), and gradient
-elements near zero are sums with cancellation, where the relative error of a reordered sum is not bounded by
-`eps * K`: `--auto` calls this a divergence although `max_abs` is about 1e-8 and the weights stay within about
-5e-7 of each other (growth line). For replica-count changes, measure the noise floor with a repeat instead
-(`--noise C`), or use `--atol`.
+    "6b": """**What it teaches.** Element by element, the all-reduced gradients look far apart (`max_rel` in
+the magnitude line): gradient elements near zero are sums whose terms cancel, and a reordered sum's error is
+bounded relative to the size of its terms, not to its own tiny value. The automatic bound is therefore
+scale-relative, `max|a-b|/max|x|` over the tensor against `eps * K`, and on that measure the replica-count
+change is round-off: exit status 0, with the first bitwise difference still named. If you need every element
+judged on its own, say so explicitly with `--rtol`/`--atol` or `--ulp`.
 """,
     "6c": """**What it teaches.** Same story with 4 replicas: `allreduce` at step 0, on global quantities only.
 """,
@@ -75,11 +79,14 @@ launcher, the worker count and the collective implementation.
     "7a": """**What it teaches.** One element of one tensor on one replica differs (`n_diff=1/16384` at index
 (0, 0), 65536 ULP = bit 16), and only on replica 1. Kernel changes (XLA, oneDNN, versions) change many
 elements on every replica; a single element on a single replica points at that device or at per-replica code.
-The report says `numerics` because inputs and weights were equal when the gradient came out different.
+The report keeps the cause `numerics` (inputs and weights were equal when the gradient came out different), and
+its detail and `next` line say what the pattern means: one element on one replica, suspect that replica's
+device (bit flip, faulty memory) or code that treats replicas differently.
 """,
     "7b": """**What it teaches.** `tracer.check` needs only one run: all replicas must hold bitwise-identical
 all-reduced gradients, optimizer slots and weights. The copy was hit after step 3's update, so step 4's
-weights are the first recorded state that shows it; the odd replica out is named.
+weights are the first recorded state that shows it; the odd replica out is named, and since only one element
+of its copy differs, the detail points at that replica's device.
 """,
     "8a": """**What it teaches.** With `tf.config.experimental.enable_op_determinism()` two runs in two processes
 are bitwise identical in every traced tensor, from the initial weights to the last step. This is the baseline
