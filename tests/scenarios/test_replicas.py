@@ -33,6 +33,14 @@ def test_6b_auto_tolerance_states_its_threshold(workspace, outcome):
     o = _global_verdict(workspace, outcome, "6b")
     tol = o.report["tolerance"]
     assert tol["mode"] == "auto"
+    # Independently: the scale-relative difference of the first differing tensor, read from the traces,
+    # decides the verdict.
+    f = o.report["first_bitwise"]
+    s = catalog.by_id("6b")
+    value = truth.scaled_difference(workspace.run(s.a), workspace.run(s.b), f["step"], f["kind"], f["tensor"])
+    v = f["verdict"]
+    assert v["metric"] == "max|a-b|/max|x|" and v["value"] == pytest.approx(value, rel=1e-6)
+    assert v["beyond"] == (value > v["threshold"])
     if o.report["diverged"]:
         v = o.report["first"]["verdict"]
         assert v["beyond"] and v["value"] > v["threshold"]

@@ -94,3 +94,16 @@ def nonfinite_first(run_dir) -> Optional[Dict]:
     finally:
         for r in rs:
             r.close()
+
+
+def scaled_difference(a_dir, b_dir, step: int, kind: str, tensor: str) -> float:
+    """``max|a-b| / max|x|`` of a global tensor at ``step`` between replica 0 of both runs, from full tensors."""
+    ra, rb = readers(a_dir)[:1], readers(b_dir)[:1]
+    try:
+        key = next(t.key for t in ra[0].tensors if (t.kind, t.name, t.micro_step) == (kind, tensor, -1))
+        x = ra[0].full(ra[0].column(key), step).astype(np.float64)
+        y = rb[0].full(rb[0].column(key), step).astype(np.float64)
+        return float(np.abs(x - y).max() / max(np.abs(x).max(), np.abs(y).max()))
+    finally:
+        for r in ra + rb:
+            r.close()
