@@ -505,8 +505,7 @@ class _Checkpoints:
         if self._manager is None or self._saved == step:
             return
         if self._strategy is not None:
-            for writer in self._strategy.trace_session.writers:
-                writer.flush()
+            self._strategy.flush()
         self._manager.save(checkpoint_number=step)
         self._saved = step
 

@@ -375,6 +375,11 @@ class TraceSession:
         }
         return attrs
 
+    def flush(self) -> None:
+        """Block until every queued step of every writer is on disk; raises a pending write error."""
+        for writer in self.writers:
+            writer.flush()
+
     def close(self) -> None:
         """Flush and close every writer; idempotent. Raises the first write error."""
         with self._lock:

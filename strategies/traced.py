@@ -148,6 +148,10 @@ class _TracedStrategyMixin:
         session.emit(capture, step, lr, args, kwargs, result)
         return result
 
+    def flush(self) -> None:
+        """Blocks until every step traced so far is on disk (call before saving a checkpoint)."""
+        self._trace_session.flush()
+
     def close(self) -> None:
         """Writes everything captured and closes the trace files. Idempotent."""
         self._trace_session.close()
