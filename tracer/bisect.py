@@ -2,6 +2,8 @@
 
 A and B are trace files (``replica-<N>.h5``) or run directories. Exit status
 as cmp(1): 0 no divergence beyond tolerance, 1 divergence, 2 bad input.
+``--search full`` (opt-in) binary-searches the common full-tensor snapshots
+instead of scanning fingerprints (:mod:`tracer.snapshots`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="multiplier of the --auto bound (default 1) or of the --noise floor (default 2)")
     tol.add_argument("--reduction-length", type=int, metavar="K",
                      help="K of --auto (default: longest tensor dimension x replicas)")
+    p.add_argument("--search", choices=("fingerprints", "full"), default="fingerprints",
+                   help="fingerprints (default): scan every step's fingerprints, no assumption. full (opt-in): "
+                        "binary-search the full-tensor snapshots both runs stored, reading about log2(n) of them; "
+                        "ASSUMES that once the runs differ they stay different, and reports the last equal and "
+                        "first different snapshot")
     p.add_argument("--strict", action="store_true",
                    help="treat different models or step ranges as errors instead of comparing what is common")
     p.add_argument("--chunk-rows", type=int, default=2048, help=argparse.SUPPRESS)
@@ -56,6 +63,9 @@ def _tolerance(args, parser, run_a):
         parser.error("--factor applies to --auto and --noise only")
     if args.reduction_length is not None and mode != "auto":
         parser.error("--reduction-length applies to --auto only")
+    if args.search == "full" and mode == "noise":
+        parser.error("--noise applies to the fingerprint scan only, not to --search full; use --auto, --ulp or "
+                     "--rtol/--atol")
     try:
         if mode == "ulp":
             return Tolerance("ulp", ulp=args.ulp)
@@ -89,11 +99,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_a = stack.enter_context(Run(args.a))
             run_b = stack.enter_context(Run(args.b))
             tol = _tolerance(args, parser, run_a)
-            noise = stack.enter_context(Run(args.noise)) if args.noise is not None else None
-            comparison = Comparison(run_a, run_b, tol, noise=noise, chunk_rows=args.chunk_rows,
-                                    strict=args.strict)
-            comparison.progress = want_progress(int(comparison.common_steps.size))
-            result = comparison.run()
+            if args.search == "full":
+                from tracer.snapshots import SnapshotSearch
+
+                result = SnapshotSearch(run_a, run_b, tol, strict=args.strict).run()
+            else:
+                noise = stack.enter_context(Run(args.noise)) if args.noise is not None else None
+                comparison = Comparison(run_a, run_b, tol, noise=noise, chunk_rows=args.chunk_rows,
+                                        strict=args.strict)
+                comparison.progress = want_progress(int(comparison.common_steps.size))
+                result = comparison.run()
             d = result.to_dict()
         sys.stdout.write(render_json(d) + "\n" if args.json else render_text(d, PROG))
         return EXIT_DIFFERENT if result.diverged else EXIT_SAME

@@ -108,6 +108,7 @@ class Result:
         cause = self.first.cause if self.first else None
         return {
             "diverged": self.diverged,
+            "search": "fingerprints",
             "first_step": self.first.step if self.first else None,
             "first": self.first.to_dict() if self.first else None,
             "first_bitwise": self.first_bitwise.to_dict() if self.first_bitwise else None,

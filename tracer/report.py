@@ -98,10 +98,16 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
     steps = d["steps_compared"]
     tol = d["tolerance"]
     check = prog == "tracer.check"
+    snap = d.get("search") == "full-snapshots"
     if first:
         verdict = "REPLICAS DISAGREE" if check else "DIVERGED"
-        lines.append(f"{prog}: {verdict}: {where(first)} (origin)")
+        if snap and d["bracket"][0] is not None:
+            verdict += f" between step {d['bracket'][0]} and step {d['bracket'][1]}"
+        lines.append(f"{prog}: {verdict}: {where(first)} (origin"
+                     + (")" if not snap or d["exact"] else " in that snapshot)"))
         lines.append(f"  verdict: {first['verdict']['text']}  [tolerance: {tol_text(tol)}]")
+        if snap:
+            lines.append(f"  search: {bracket_text(d)}")
         c = CAUSES[first["cause"]]
         lines.append(f"  cause: {first['cause']}: {c.explanation}")
         if first.get("detail"):
@@ -123,6 +129,10 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
     if check and not first:
         lines.append(f"{prog}: all replicas agree bitwise on allreduced_grad, optimizer_slot and weight in "
                      f"{steps['count']} steps ({steps['first']}..{steps['last']})")
+    elif not first and snap:
+        lines.append(f"{prog}: no divergence beyond tolerance at the last of {steps['count']} common full "
+                     f"snapshots (steps {steps['first']}..{steps['last']}), so none before it either under the "
+                     f"assumption below [tolerance: {tol_text(tol)}]")
     elif not first:
         lines.append(f"{prog}: no divergence beyond tolerance in {steps['count']} steps "
                      f"({steps['first']}..{steps['last']}) [tolerance: {tol_text(tol)}]")
@@ -131,13 +141,22 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
         lines.append(f"  first bitwise difference: {where(fb)}; {fb['verdict']['text']} (cause if it mattered: "
                      f"{fb['cause']})")
         lines.append(f"    magnitude: {magnitude(fb)}")
+    elif not fb and snap:
+        lines.append("  every full tensor of the snapshots read is equal (bitwise identical)")
     elif not fb:
         lines.append("  every compared fingerprint hash is equal (bitwise identical)")
     div = d["divergent_steps"]
-    lines.append(f"  steps compared: {steps['count']} ({steps['first']}..{steps['last']}), "
-                 f"{d['tensors']['compared']} tensors, replica pairs {d['tensors']['replica_pairs']}; "
-                 f"bitwise-different steps: {div['count']}"
-                 + (f" ({div['first']}..{div['last']})" if div["count"] else ""))
+    if snap:
+        sn = d["snapshots"]
+        lines.append(f"  snapshots read: {sn['read']} of {sn['common']} common full snapshots (steps "
+                     f"{steps['first']}..{steps['last']}; log2 = {sn['log2_common']}), "
+                     f"{d['tensors']['compared']} tensors, replica pairs {d['tensors']['replica_pairs']}")
+        lines.append(f"  assumption: {d['assumption']}")
+    else:
+        lines.append(f"  steps compared: {steps['count']} ({steps['first']}..{steps['last']}), "
+                     f"{d['tensors']['compared']} tensors, replica pairs {d['tensors']['replica_pairs']}; "
+                     f"bitwise-different steps: {div['count']}"
+                     + (f" ({div['first']}..{div['last']})" if div["count"] else ""))
     g = d.get("growth")
     if g and g["values"]:
         src = "full tensors" if g["source"] == "full" else "fingerprint statistics, lower bound"
@@ -157,6 +176,21 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
     for note in d["notes"]:
         lines.append(f"  note: {escape(note)}")
     return "\n".join(lines) + "\n"
+
+
+def bracket_text(d: Dict[str, Any]) -> str:
+    """``diverged between step X and step Y`` of a full-snapshot search."""
+    lo, hi = d["bracket"]
+    sn = d["snapshots"]
+    if d["first"]["snapshot"] == "initial":
+        where_ = f"diverged before the first update (initial snapshot, step {hi})"
+    elif lo is None:
+        where_ = f"diverged at or before step {hi} (the first common full snapshot already differs)"
+    else:
+        where_ = f"diverged between step {lo} and step {hi} (last equal and first different full snapshot)"
+        if not d["exact"]:
+            where_ += "; the fingerprint scan would name the exact step"
+    return f"{where_}; binary search read {sn['read']} of {sn['common']} full snapshots"
 
 
 def _f(v) -> float:
