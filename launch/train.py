@@ -315,6 +315,10 @@ def _make_dataset(tf, dataset, global_batch: int, shuffle_seed: int):
     replica consumes a different slice of it.
     """
     ds = tf.data.Dataset.from_tensor_slices((dataset.x, dataset.y))
+    # tf.data combines the op seed with TensorFlow's global seed: clear it, so the
+    # order depends on --shuffle-seed alone, also when main() runs in a process
+    # that seeded TensorFlow before (tests, notebooks).
+    tf.random.set_seed(None)
     ds = ds.shuffle(dataset.num_examples, seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.repeat().batch(global_batch, drop_remainder=True)
     options = tf.data.Options()

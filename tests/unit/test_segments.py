@@ -1,6 +1,7 @@
 """Segments of a resumed job, built with the real TraceWriter: joined in step order, overlaps replaced, gaps noted."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +14,8 @@ from tracer.check import main as check_main
 from tracer.errors import CaptureError, TraceFormatError
 from tracer.reader import Run, TraceReader
 from tracer.segments import JoinedReader, segment_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def add_segment(run_dir, k, *, first_step, steps, seed=0, replicas=2, **kw):
@@ -140,6 +143,9 @@ def test_segment_path_chooses_the_file_at_writer_creation(tmp_path):
 def test_bisect_stays_tensorflow_free_with_segments(tmp_path):
     run_dir = write_run(tmp_path / "a", steps=3)
     add_segment(run_dir, 1, first_step=3, steps=2)
-    with Run(run_dir):
-        pass
-    assert "tensorflow" not in sys.modules
+    # A fresh interpreter: other tests in this process may have imported TensorFlow.
+    code = ("import sys; from tracer.bisect import main; code = main([sys.argv[1], sys.argv[1]]); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr

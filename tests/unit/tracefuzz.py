@@ -488,6 +488,19 @@ def _call(main, argv):
     return {"code": code, "out": out.getvalue(), "err": err.getvalue(), "exc": exc}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM).
+
+    Not ru_maxrss: Linux carries that across fork and exec, so a process started
+    from a test run that had loaded TensorFlow would report TensorFlow's memory.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_cases(cases: List[dict], results_path: str) -> None:
     """Run bisect (good vs. case) and check (case) on each case; append one JSON line per case."""
     from tracer.bisect import main as bisect
@@ -502,7 +515,7 @@ def run_cases(cases: List[dict], results_path: str) -> None:
                    "bisect": _call(bisect, [case["good"], case["run"]]),
                    "check": _call(check, [case["run"]])}
             res["seconds"] = time.monotonic() - t0
-            res["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            res["maxrss_mb"] = _peak_rss_mb()
             out.write(json.dumps(res) + "\n")
             out.flush()
 
