@@ -7,7 +7,7 @@ statistics l2, max |x|, NaN and Inf counts, computed where the tensor lives
 Cost matters: this runs every step over every captured byte. The hash reads the
 tensor as 64-bit words (half as many items as float32 elements) and, under
 XLA, one variadic reduction produces the hash sum and max |x| together in a
-single pass; the sum of squares uses TensorFlow's fused ``l2_loss`` kernel;
+single pass, together with the sum of squares (accumulated in float64);
 NaN and Inf are counted only when l2 or max |x| is not finite, inside the XLA
 cluster, so no value travels to the host to decide it.
 
@@ -86,37 +86,44 @@ def _word_parts(x: tf.Tensor) -> List[Tuple[tf.Tensor, tf.Tensor]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _sum_max_reducer(float_dtype: tf.DType):
+def _sum_max_sumsq_reducer():
     @tf.function(autograph=False)
-    def reducer(h0, m0, h1, m1):
-        return h0 + h1, tf.maximum(m0, m1)
+    def reducer(h0, m0, q0, h1, m1, q1):
+        return h0 + h1, tf.maximum(m0, m1), q0 + q1
 
-    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], float_dtype)]
+    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], tf.float64), tf.TensorSpec([], tf.float64)]
     return reducer.get_concrete_function(*(spec + spec))
 
 
-def _hash_and_max(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor]:
-    """(hash as int64 bits, max |x| as float64) of one tensor."""
+def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(hash as int64 bits, max |x|, sum of squares) of one tensor; the last two as float64."""
     total = _u64(0)
     max_abs = tf.zeros([], tf.float64)
+    sumsq = tf.zeros([], tf.float64)
     first = 1
     for words, values in _word_parts(x):
         count = int(words.shape[0])
         idx = tf.cast(tf.range(first, first + count, dtype=tf.int64), tf.uint64)
         mixed = _mix64(words + idx * _u64(hashing.INDEX_MUL_64))
-        row_max = tf.reduce_max(tf.abs(values), axis=1)
+        # XLA's variadic reduce wants one float precision: float64 for both (exact for max).
+        wide = tf.cast(values, tf.float64)
+        row_max = tf.reduce_max(tf.abs(wide), axis=1)
+        row_sumsq = tf.reduce_sum(wide * wide, axis=1)
         if fused:
-            part_hash, part_max = _VARIADIC_REDUCE(
-                [mixed, row_max], [_u64(0), tf.zeros([], values.dtype)], dimensions_to_reduce=[0],
-                reducer=_sum_max_reducer(values.dtype))
+            # One loop over the words yields all three: XLA's CPU backend does not
+            # fuse sibling reductions, and each extra pass costs as much as the hash.
+            part_hash, part_max, part_sumsq = _VARIADIC_REDUCE(
+                [mixed, row_max, row_sumsq], [_u64(0), tf.zeros([], tf.float64), tf.zeros([], tf.float64)],
+                dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer())
         else:
-            part_hash, part_max = tf.reduce_sum(mixed), tf.reduce_max(row_max)
+            part_hash, part_max, part_sumsq = tf.reduce_sum(mixed), tf.reduce_max(row_max), tf.reduce_sum(row_sumsq)
         total += part_hash
-        max_abs = tf.maximum(max_abs, tf.cast(part_max, tf.float64))
+        max_abs = tf.maximum(max_abs, part_max)
+        sumsq += part_sumsq
         first += count
     nbytes = int(np.prod(x.shape, dtype=np.int64)) * x.dtype.size
     total += _mix64(_u64(nbytes))
-    return tf.bitcast(total, tf.int64), max_abs
+    return tf.bitcast(total, tf.int64), max_abs, sumsq
 
 
 def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
@@ -136,26 +143,22 @@ def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
     return tf.cond(finite, lambda: (max_abs, zero, zero), count)
 
 
-def _device_part(tensors: Sequence[tf.Tensor], l2s: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
-    hashes, maxes, nans, infs = [], [], [], []
-    for x, l2 in zip(tensors, l2s):
-        h, max_abs = _hash_and_max(x, fused)
+def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
+    hashes, l2s, maxes, nans, infs = [], [], [], [], []
+    for x in tensors:
+        h, max_abs, sumsq = _hash_max_sumsq(x, fused)
+        l2 = tf.sqrt(sumsq)
         max_abs, nan, inf = _counts(x, l2, max_abs)
         hashes.append(h)
+        l2s.append(l2)
         maxes.append(max_abs)
         nans.append(nan)
         infs.append(inf)
-    return [tf.stack(hashes), tf.stack(maxes), tf.stack(nans), tf.stack(infs)]
+    return [tf.stack(hashes), tf.stack(l2s), tf.stack(maxes), tf.stack(nans), tf.stack(infs)]
 
 
 _device_part_xla = tf.function(functools.partial(_device_part, fused=_VARIADIC_REDUCE is not None),
                                jit_compile=True, autograph=False)
-
-
-def _l2(x: tf.Tensor) -> tf.Tensor:
-    if x.shape.num_elements() == 0:
-        return tf.zeros([], tf.float64)
-    return tf.sqrt(2.0 * tf.cast(tf.nn.l2_loss(_float_view(x)), tf.float64))
 
 
 def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[tf.Tensor]:
@@ -174,9 +177,6 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
         return [tf.zeros([0], tf.int64), tf.zeros([0], tf.float64), tf.zeros([0], tf.float64),
                 tf.zeros([0], tf.int64), tf.zeros([0], tf.int64)]
     tensors = [tf.convert_to_tensor(t) for t in tensors]
-    l2s = [_l2(x) for x in tensors]
     if use_xla:
-        hashes, maxes, nans, infs = _device_part_xla(tensors, l2s)
-    else:
-        hashes, maxes, nans, infs = _device_part(tensors, l2s, fused=False)
-    return [hashes, tf.stack(l2s), maxes, nans, infs]
+        return _device_part_xla(tensors)
+    return _device_part(tensors, fused=False)

@@ -18,8 +18,9 @@ halves the work for float32 and keeps every dtype on one code path.
 Statistics, chosen so that the device computes them in one cheap pass each:
 
 * ``l2``: sqrt(sum x**2) over all elements (NaN if any element is NaN, inf if
-  any is infinite); accumulated in float32 on the device, so it is a magnitude,
-  not an identity: only the hash decides equality.
+  any is infinite); accumulated in float64 on the device in another order than
+  NumPy's, so it matches this reference only to rounding: a magnitude, not an
+  identity. Only the hash decides equality.
 * ``max_abs``: max |x| over all elements, with NaN winning over inf over
   finite values.
 * ``nan``, ``inf``: exact counts.
