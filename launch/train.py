@@ -380,6 +380,9 @@ def run(args, argv: List[str], launcher, world) -> int:
     dataset = _load_data(args.data)
     trace_dir, shuffle_seed = _shared_choices(args, launcher, world)
 
+    # TensorFlow's INFO lines would bury the progress bar and the verdict hint;
+    # warnings and errors still show. An explicit setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     import tensorflow as tf  # deferred: parsing flags and usage errors stay fast
     import keras
 
