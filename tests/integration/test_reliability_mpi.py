@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.integration.test_launch_mpi import N, TRAIN, mpi_env, mpirun_path
+from launch.mpi import mpirun_path
+from tests.integration.test_launch_mpi import N, TRAIN, mpi_env
 
 pytestmark = [pytest.mark.mpi, pytest.mark.tf]
 
