@@ -5,11 +5,12 @@ statistics l2, max |x|, NaN and Inf counts, computed where the tensor lives
 (CPU or GPU); only five short vectors leave the device.
 
 Cost matters: this runs every step over every captured byte. The hash reads the
-tensor as 64-bit words (half as many items as float32 elements) and, under
-XLA, one variadic reduction produces the hash sum and max |x| together in a
-single pass, together with the sum of squares (accumulated in float64);
-NaN and Inf are counted only when l2 or max |x| is not finite, inside the XLA
-cluster, so no value travels to the host to decide it.
+tensor as 64-bit words (half as many items as float32 elements). Under XLA one
+vectorized pass over the tensor, cut into slices read side by side, yields the
+hash sum, max |x| (as an integer maximum over the bit patterns) and the sum of
+squares (accumulated in float64). NaN and Inf are counted only when l2 or
+max |x| is not finite, inside the XLA cluster, so no value travels to the host
+to decide it.
 
 The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
 bit for bit, with and without XLA.
@@ -49,81 +50,144 @@ def _mix64(z: tf.Tensor) -> tf.Tensor:
     return tf.bitwise.bitwise_xor(z, _shr(z, 31))
 
 
-_SAME_WIDTH_UINT = {1: tf.uint8, 2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
+_UINT = {1: tf.uint8, 2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
+
+# A tensor of at least SLICES * MIN_SLICE words is cut into SLICES equal slices that one loop
+# walks side by side (see ``_hash_max_sumsq``).
+SLICES = 8
+MIN_SLICE = 256
 
 
-def _float_view(x: tf.Tensor) -> tf.Tensor:
-    """``x`` as a float tensor for max |x| (exact for every float dtype; ints as float)."""
-    if x.dtype in (tf.float32, tf.float64):
-        return x
-    return tf.cast(x, tf.float64 if x.dtype.size == 8 else tf.float32)
+def _abs_key_dtype(dtype: tf.DType) -> tf.DType:
+    if dtype.is_floating:
+        return tf.uint64 if dtype.size == 8 else tf.uint32
+    return tf.float64
 
 
-def _word_parts(x: tf.Tensor) -> List[Tuple[tf.Tensor, tf.Tensor]]:
-    """[(words, values)]: the bytes as uint64 words (as ``tracer.hashing._words``) and, row by
-    row, the elements each word holds as floats ([words, elements per word])."""
+def _abs_key(pieces: tf.Tensor) -> tf.Tensor:
+    """Per element, a key whose maximum gives max |x| (``_abs_value`` turns it back).
+
+    For floats it is the bit pattern without the sign bit: for IEEE floats that
+    orders like |x|, and every NaN pattern lies above inf, so NaN wins over inf
+    over finite values by itself, in integer arithmetic that vectorizes.
+    """
+    dtype = pieces.dtype
+    if not dtype.is_floating:
+        return tf.abs(tf.cast(pieces, tf.float64))
+    width = dtype.size
+    bits = tf.bitcast(pieces, _UINT[width])
+    if width == 8:
+        return tf.bitwise.bitwise_and(bits, _u64((1 << 63) - 1))
+    return tf.bitwise.bitwise_and(tf.cast(bits, tf.uint32), tf.constant(np.uint32((1 << (8 * width - 1)) - 1)))
+
+
+def _abs_value(key: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    if not dtype.is_floating:
+        return key
+    if dtype.size == 8:
+        return tf.bitcast(key, tf.float64)
+    return tf.cast(tf.bitcast(tf.cast(key, _UINT[dtype.size]), dtype), tf.float64)
+
+
+def _words(pieces: tf.Tensor) -> tf.Tensor:
+    """[..., per_word] elements as little-endian uint64 words [...], like ``tracer.hashing._words``.
+
+    Built from shifted pieces rather than with one bitcast to uint64, which XLA
+    lowers to a separate, materialized reduction.
+    """
+    width = pieces.dtype.size
+    bits = pieces if pieces.dtype == _UINT[width] else tf.bitcast(pieces, _UINT[width])
+    if width == 8:
+        return bits[..., 0]
+    word = None
+    for k in range(8 // width):
+        part = tf.cast(bits[..., k], tf.uint64)
+        if k:
+            part = tf.bitwise.left_shift(part, _u64(8 * width * k))
+        word = part if word is None else tf.bitwise.bitwise_or(word, part)
+    return word
+
+
+def _pieces(x: tf.Tensor) -> List[Tuple[tf.Tensor, int]]:
+    """[(pieces [slices, words per slice, elements per word], index of the first word)].
+
+    The bulk is cut into ``SLICES`` slices; the words left over (and the last,
+    zero-padded partial word) form a second, one-slice part.
+    """
     x = tf.reshape(x, [-1])
     if x.dtype == tf.bool:
         x = tf.cast(x, tf.uint8)
-    width = x.dtype.size
-    per_word = 8 // width
+    per_word = 8 // x.dtype.size
     n = int(x.shape[0])
-    full = (n // per_word) * per_word
-    as_uint = _SAME_WIDTH_UINT[width]
+    whole_words = n // per_word
+    slices = SLICES if whole_words >= SLICES * MIN_SLICE else 1
+    bulk = (whole_words // slices) * slices
     parts = []
-    if full:
-        main = x[:full] if full < n else x
-        bits = main if main.dtype == as_uint else tf.bitcast(main, as_uint)
-        words = bits if width == 8 else tf.bitcast(tf.reshape(bits, [-1, per_word]), tf.uint64)
-        parts.append((words, tf.reshape(_float_view(main), [-1, per_word])))
-    if n > full:
-        tail = x[full:]
-        bits = tf.bitcast(tail, as_uint) if tail.dtype != as_uint else tail
-        bits = tf.pad(bits, [[0, per_word - (n - full)]])
-        values = tf.pad(_float_view(tail), [[0, per_word - (n - full)]])
-        parts.append((tf.bitcast(tf.reshape(bits, [1, per_word]), tf.uint64), tf.reshape(values, [1, per_word])))
+    if bulk:
+        main = x[:bulk * per_word] if bulk * per_word < n else x
+        parts.append((tf.reshape(main, [slices, bulk // slices, per_word]), 1))
+    if n > bulk * per_word:
+        rest = x[bulk * per_word:]
+        pad = (-int(rest.shape[0])) % per_word
+        if pad:
+            rest = tf.concat([rest, tf.zeros([pad], x.dtype)], 0)
+        parts.append((tf.reshape(rest, [1, -1, per_word]), bulk + 1))
     return parts
 
 
 @functools.lru_cache(maxsize=None)
-def _sum_max_sumsq_reducer():
+def _sum_max_sumsq_reducer(key_dtype: tf.DType):
     @tf.function(autograph=False)
     def reducer(h0, m0, q0, h1, m1, q1):
         return h0 + h1, tf.maximum(m0, m1), q0 + q1
 
-    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], tf.float64), tf.TensorSpec([], tf.float64)]
+    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], key_dtype), tf.TensorSpec([], tf.float64)]
     return reducer.get_concrete_function(*(spec + spec))
 
 
+def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused: bool):
+    """Sum, max and sum over axis 0 of [slices, m] operands, in one pass when ``fused``."""
+    if not fused:
+        return tf.reduce_sum(hashes, 0), tf.reduce_max(keys, 0), tf.reduce_sum(squares, 0)
+    return _VARIADIC_REDUCE([hashes, keys, squares], [_u64(0), tf.zeros([], keys.dtype), tf.zeros([], tf.float64)],
+                            dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer(keys.dtype))
+
+
 def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(hash as int64 bits, max |x|, sum of squares) of one tensor; the last two as float64."""
+    """(hash as int64 bits, max |x|, sum of squares) of one tensor; the last two as float64.
+
+    The words are viewed as [slices, m]: one loop over the m columns reads the
+    slices side by side and reduces across them, which XLA's CPU backend
+    vectorizes (a plain reduction over one long axis it does not). Hash, max |x|
+    and sum of squares come out of that one pass (a variadic reduction), as m
+    partial results that a short second reduction finishes.
+    """
+    key_dtype = _abs_key_dtype(x.dtype)
     total = _u64(0)
-    max_abs = tf.zeros([], tf.float64)
+    max_key = tf.zeros([], key_dtype)
     sumsq = tf.zeros([], tf.float64)
-    first = 1
-    for words, values in _word_parts(x):
-        count = int(words.shape[0])
-        idx = tf.cast(tf.range(first, first + count, dtype=tf.int64), tf.uint64)
-        mixed = _mix64(words + idx * _u64(hashing.INDEX_MUL_64))
-        # XLA's variadic reduce wants one float precision: float64 for both (exact for max).
-        wide = tf.cast(values, tf.float64)
-        row_max = tf.reduce_max(tf.abs(wide), axis=1)
-        row_sumsq = tf.reduce_sum(wide * wide, axis=1)
-        if fused:
-            # One loop over the words yields all three: XLA's CPU backend does not
-            # fuse sibling reductions, and each extra pass costs as much as the hash.
-            part_hash, part_max, part_sumsq = _VARIADIC_REDUCE(
-                [mixed, row_max, row_sumsq], [_u64(0), tf.zeros([], tf.float64), tf.zeros([], tf.float64)],
-                dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer())
-        else:
-            part_hash, part_max, part_sumsq = tf.reduce_sum(mixed), tf.reduce_max(row_max), tf.reduce_sum(row_sumsq)
-        total += part_hash
-        max_abs = tf.maximum(max_abs, part_max)
-        sumsq += part_sumsq
-        first += count
+    for pieces, first in _pieces(x):
+        slices, m = int(pieces.shape[0]), int(pieces.shape[1])
+        idx = tf.reshape(tf.cast(tf.range(first, first + slices * m, dtype=tf.int64), tf.uint64), [slices, m])
+        mixed = _mix64(_words(pieces) + idx * _u64(hashing.INDEX_MUL_64))
+        keys = _abs_key(pieces)
+        wide = tf.cast(pieces, tf.float64)
+        part_key, part_sq = keys[..., 0], wide[..., 0] * wide[..., 0]
+        for k in range(1, int(pieces.shape[2])):
+            part_key = tf.maximum(part_key, keys[..., k])
+            part_sq = part_sq + wide[..., k] * wide[..., k]
+        col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
+        # The m partial results shrink the same way, SLICES-fold per vectorized pass.
+        while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
+            m //= SLICES
+            col_hash, col_key, col_sq = _reduce_slices(*(tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq)),
+                                                       fused)
+        total += tf.reduce_sum(col_hash)
+        max_key = tf.maximum(max_key, tf.reduce_max(col_key))
+        sumsq += tf.reduce_sum(col_sq)
     nbytes = int(np.prod(x.shape, dtype=np.int64)) * x.dtype.size
     total += _mix64(_u64(nbytes))
-    return tf.bitcast(total, tf.int64), max_abs, sumsq
+    return tf.bitcast(total, tf.int64), _abs_value(max_key, x.dtype), sumsq
 
 
 def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
@@ -176,7 +240,9 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
     if not tensors:
         return [tf.zeros([0], tf.int64), tf.zeros([0], tf.float64), tf.zeros([0], tf.float64),
                 tf.zeros([0], tf.int64), tf.zeros([0], tf.int64)]
-    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    # Flat outside the compiled function: inside it, viewing an n-d tensor as slices
+    # costs XLA an index computation per element that stops vectorization.
+    tensors = [tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors]
     if use_xla:
         return _device_part_xla(tensors)
     return _device_part(tensors, fused=False)

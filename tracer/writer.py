@@ -1,4 +1,4 @@
-"""Background HDF5 writer: one file per replica, appended one step at a time.
+"""Background HDF5 writer: one file per replica, appended step by step.
 
 The training step hands numpy arrays to :meth:`TraceWriter.write_step`; a
 background thread does the HDF5 work, so a step never waits on the disk. The
@@ -10,7 +10,9 @@ Crash safety: the file is written in SWMR mode (every object is created up
 front, then only datasets grow) and flushed every ``flush_every`` steps, so a
 process killed at any moment leaves a file whose steps up to the last flush are
 intact and readable (``h5py.File(path, "r", swmr=True)``, which
-``tracer.reader`` does for you).
+``tracer.reader`` does for you). Since only flushed steps count, the fingerprint
+rows of the steps in between wait in memory and go to the file as one block at
+the flush; full tensors are written as they arrive.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import queue
 import threading
 import time
 import warnings
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -119,6 +121,10 @@ class TraceWriter:
             i for i, t in enumerate(self.tensors) if t.kind in ("optimizer_slot", "weight")])
         self._steps_written = 0
         self._last_step: Optional[int] = None
+        # Fingerprint rows received since the last flush, written as one block by
+        # the flush: only flushed rows count for a reader anyway, and one block
+        # costs the training process far less than a dozen HDF5 calls per step.
+        self._pending: List[Tuple[int, List[np.ndarray]]] = []
         self._error: Optional[BaseException] = None
         self._hdf5_failed = False
         self._failed = False  # sticky: after the first error the thread writes nothing more
@@ -322,6 +328,7 @@ class TraceWriter:
         count are on disk. A reader of a killed run trusts no row beyond them.
         """
         f = self._file
+        self._write_pending()
         f.flush()
         counts = np.array([f[schema.STEPS].shape[0], f[schema.FULL_STEPS].shape[0],
                            f[f"{schema.INITIAL}/{schema.STEPS}"].shape[0]], dtype=np.int64)
@@ -350,25 +357,22 @@ class TraceWriter:
                                   f"{size} bytes, this step needs about {need})")
 
     def _append(self, group: str, step: int, fps, full, cols) -> None:
-        f = self._file
-        nbytes = sum(np.asarray(v).nbytes for v in fps) + 8
-        if full is not None:
-            nbytes += sum(np.asarray(v).nbytes for v in full)
-        self._check_space(nbytes)
-        prefix = f"{group}/" if group else ""
-        steps = f[f"{prefix}{schema.STEPS}"]
-        row = steps.shape[0]
+        """Write the full tensors of one step now; queue its fingerprint row for the next flush.
+
+        The ``/initial`` snapshot is written at once, row included.
+        """
         ncols = len(cols)
+        row = []
         for (stat, dtype), values in zip(schema.STATS, fps):
             values = np.asarray(values)
             if values.shape != (ncols,):
                 raise TraceWriteError(f"{stat} vector has shape {values.shape}, expected ({ncols},)")
             if dtype == "uint64" and values.dtype == np.int64:
                 values = values.view(np.uint64)
-            d = f[f"{prefix}{schema.FINGERPRINTS}/{stat}"]
-            d.resize((row + 1, ncols))
-            d[row] = values
+            row.append(values)
         if full is not None:
+            f = self._file
+            self._check_space(sum(np.asarray(v).nbytes for v in full) + 8)
             fsteps = f[schema.full_path(0, group).rsplit("/", 1)[0] + "/steps"]
             frow = fsteps.shape[0]
             for col, value in zip(cols, full):
@@ -377,9 +381,30 @@ class TraceWriter:
                 d[frow] = value
             fsteps.resize((frow + 1,))
             fsteps[frow] = step
+        if group:
+            self._write_rows(group, [(step, row)])
+        else:
+            self._pending.append((step, row))
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self._write_rows("", rows)
+
+    def _write_rows(self, group: str, rows: List[Tuple[int, List[np.ndarray]]]) -> None:
+        """Append fingerprint rows as one block per dataset, the step index last."""
+        f = self._file
+        self._check_space(sum(v.nbytes for _, row in rows for v in row) + 8 * len(rows))
+        prefix = f"{group}/" if group else ""
+        steps = f[f"{prefix}{schema.STEPS}"]
+        start, n = steps.shape[0], len(rows)
+        for k, (stat, _) in enumerate(schema.STATS):
+            d = f[f"{prefix}{schema.FINGERPRINTS}/{stat}"]
+            d.resize((start + n, d.shape[1]))
+            d[start:start + n] = np.stack([row[k] for _, row in rows])
         # The step index is written last: a reader trusts rows up to len(/steps).
-        steps.resize((row + 1,))
-        steps[row] = step
+        steps.resize((start + n,))
+        steps[start:start + n] = np.array([step for step, _ in rows], dtype=np.int64)
 
 
 def _np_dtype_name(dtype: str) -> str:

@@ -1,5 +1,6 @@
 """The in-graph fingerprint equals the NumPy reference bit for bit, with and without XLA."""
 
+import ml_dtypes  # TensorFlow's own dependency, for bfloat16 in NumPy
 import numpy as np
 import pytest
 
@@ -21,6 +22,16 @@ CASES = {
     "i32": np.array([1, -2, 3], np.int32),
     "u8": np.arange(13, dtype=np.uint8),
     "bool": np.array([True, False, True]),
+    # Large enough for the sliced pass, with words left over and a partial last word.
+    "f32 sliced, odd length": _RNG.standard_normal((8 * 256 * 2 * 3 + 17,)).astype(np.float32),
+    "f32 sliced matrix with nan": np.where(_RNG.random((129, 257)) < 1e-3, np.nan,
+                                           _RNG.standard_normal((129, 257))).astype(np.float32),
+    "f32 sliced with -inf": np.concatenate([_RNG.standard_normal(5000), [-np.inf]]).astype(np.float32),
+    "f64 sliced": _RNG.standard_normal((2049, 3)),
+    "f16 sliced": _RNG.standard_normal((8 * 256 * 4 + 3,)).astype(np.float16),
+    "bf16 sliced": _RNG.standard_normal((8 * 256 * 4 + 1,)).astype(ml_dtypes.bfloat16),
+    "i32 sliced": _RNG.integers(-2**31, 2**31 - 1, 4099, dtype=np.int32),
+    "u8 sliced": _RNG.integers(0, 255, 8 * 256 * 8 + 5, dtype=np.uint8),
 }
 
 
