@@ -3,13 +3,15 @@
 A traced strategy owns one session. The session knows the watched model and
 optimizer, builds the tensor table the first time a step is traced, creates one
 :class:`tracer.TraceWriter` per local replica, and emits each step's
-fingerprints (and, on schedule, full tensors) from the graph through a single
-host callback per step.
+fingerprints into a buffer on each replica's device, which one host callback
+empties every ``flush_every`` steps (and at each full-tensor step, which brings
+its full tensors along).
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import device_util, distribute_utils
+from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.util import nest as tf_nest
 
 from strategies import environment
@@ -32,6 +35,19 @@ from tracer.segments import segment_path
 from tracer.writer import TraceWriter
 
 _N_STATS = len(schema.STATS)
+
+
+@dataclasses.dataclass
+class _DeviceBuffer:
+    """Fingerprint rows waiting on the devices (see ``TraceSession._add_callbacks``)."""
+
+    size: int  # K rows
+    devices: List[str]  # one per local replica
+    host: str  # where the row counter lives
+    ints: List[Any]  # per replica: int64 [K, 3, n] (hash bits, nan, inf)
+    floats: List[Any]  # per replica: float64 [K, 2, n] (l2, max_abs)
+    steps: Any  # int64 [K]: the step of each row
+    fill: Any  # int64 scalar on the host: rows in use
 
 # Capture code is called from the user's (autograph-converted) step; converting
 # it would only slow tracing down and can turn our Python checks into graph ops.
@@ -274,40 +290,119 @@ class TraceSession:
         return None
 
     def _add_callbacks(self, step, flat_fps, flat_full) -> None:
-        def on_step(step_value, *fps):
-            self._write(int(step_value), fps, None)
-            return np.int64(0)
+        """Keep this step's fingerprints on the device; hand them to the host every K steps.
 
-        def on_step_full(step_value, *arrays):
-            n_fp = len(flat_fps)
-            self._write(int(step_value), arrays[:n_fp], arrays[n_fp:])
-            return np.int64(0)
+        Each replica's five vectors go into row ``fill`` of its device buffer;
+        the host-side counter ``fill`` decides, without waiting for the device,
+        when K = ``flush_every`` rows are ready: then one host callback takes
+        them all. A step selected for full tensors takes the buffered rows with
+        it. So the device meets the host once per K steps (or per full step),
+        not once per step.
+        """
+        buf = self._buffer
+        n_local = len(buf.ints)
+        with tf.device(buf.host):
+            pos = buf.fill.read_value()
+        writes = []
+        for i in range(n_local):
+            h, l2, max_abs, nan, inf = flat_fps[i * _N_STATS:(i + 1) * _N_STATS]
+            with tf.device(buf.devices[i]):
+                writes.append(buf.ints[i][pos].assign(tf.stack([h, nan, inf])))
+                writes.append(buf.floats[i][pos].assign(tf.stack([l2, max_abs])))
+        with tf.device(buf.devices[0]):
+            writes.append(buf.steps[pos].assign(step))
+        with tf.control_dependencies(writes), tf.device(buf.host):
+            filled = buf.fill.assign_add(1)
+
+        def hand_over(full=None):
+            args = [filled, buf.steps.read_value()]
+            for i in range(n_local):
+                args += [buf.ints[i].read_value(), buf.floats[i].read_value()]
+            if full is None:
+                done = tf.numpy_function(self._on_rows, args, tf.int64, stateful=True, name="tracer_write_steps")
+            else:
+                done = tf.numpy_function(self._on_rows_full, args + list(full), tf.int64, stateful=True,
+                                         name="tracer_write_full")
+            with tf.control_dependencies([done]), tf.device(buf.host):
+                return buf.fill.assign(tf.zeros([], tf.int64))
+
+        def keep():
+            return filled
+
+        def rows_due():
+            return tf.cond(filled >= buf.size, hand_over, keep)
 
         if self.config.mode != "full":
-            tf.numpy_function(on_step, [step] + flat_fps, tf.int64, stateful=True, name="tracer_write_step")
+            rows_due()
             return
         cfg = self.config
         wanted = tf.equal(tf.math.floormod(step - (cfg.full_window[0] if cfg.full_window else 0),
                                            cfg.full_every), 0)
         if cfg.full_window is not None:
             wanted = tf.logical_and(wanted, tf.logical_and(step >= cfg.full_window[0], step <= cfg.full_window[1]))
-        full_inputs = [step] + flat_fps + flat_full
-        tf.cond(wanted,
-                lambda: tf.numpy_function(on_step_full, full_inputs, tf.int64, stateful=True,
-                                          name="tracer_write_full"),
-                lambda: tf.numpy_function(on_step, [step] + flat_fps, tf.int64, stateful=True,
-                                          name="tracer_write_step"))
+        tf.cond(wanted, lambda: hand_over(flat_full), rows_due)
 
-    def _write(self, step: int, fps: Sequence[np.ndarray], full: Optional[Sequence[np.ndarray]]) -> None:
+    def _on_rows(self, filled, steps, *buffers) -> np.int64:
+        self._write_rows(int(filled), steps, buffers, None)
+        return np.int64(0)
+
+    def _on_rows_full(self, filled, steps, *rest) -> np.int64:
+        n_buf = 2 * len(self.writers)
+        self._write_rows(int(filled), steps, rest[:n_buf], rest[n_buf:])
+        return np.int64(0)
+
+    def _write_rows(self, filled: int, steps, buffers, full) -> None:
+        """Hand rows 0..filled-1 of the buffers to the writers; ``full`` goes with the last row."""
         n = len(self.tensors)
         for i, writer in enumerate(self.writers):
-            vecs = fps[i * _N_STATS:(i + 1) * _N_STATS]
-            arrays = None
-            if full is not None:
-                # numpy_function may hand out views of TensorFlow buffers that are
-                # reused after we return; the writer thread needs its own copy.
-                arrays = [np.array(a, copy=True) for a in full[i * n:(i + 1) * n]]
-            writer.write_step(step, [np.asarray(v) for v in vecs], arrays)
+            ints, floats = np.asarray(buffers[2 * i]), np.asarray(buffers[2 * i + 1])
+            for r in range(filled):
+                if writer.last_step is not None and int(steps[r]) <= writer.last_step:
+                    continue  # handed over already, before a failed hand-over stopped halfway
+                arrays = None
+                if full is not None and r == filled - 1:
+                    # numpy_function may hand out views of TensorFlow buffers that are
+                    # reused after we return; the writer thread needs its own copy.
+                    arrays = [np.array(a, copy=True) for a in full[i * n:(i + 1) * n]]
+                vecs = [ints[r, 0].copy(), floats[r, 0].copy(), floats[r, 1].copy(), ints[r, 1].copy(),
+                        ints[r, 2].copy()]
+                writer.write_step(int(steps[r]), vecs, arrays)
+
+    def _drain(self) -> None:
+        """Outside any step: hand the rows still on the device to the writers."""
+        buf = getattr(self, "_buffer", None)
+        if buf is None:
+            return
+        filled = int(buf.fill.numpy())
+        if filled:
+            buffers = []
+            for i in range(len(buf.ints)):
+                buffers += [buf.ints[i].numpy(), buf.floats[i].numpy()]
+            buf.fill.assign(0)
+            self._write_rows(filled, buf.steps.numpy(), buffers, None)
+
+    def _make_buffer(self, n_local: int) -> "_DeviceBuffer":
+        """Per local replica, K rows of fingerprints on its device (variables outside the strategy)."""
+        size = self.config.flush_every
+        n = len(self.tensors)
+        devices = list(self._strategy.extended.worker_devices)[:n_local]
+
+        def variable(value, name):
+            # ResourceVariable directly: not a distributed variable of the strategy in scope.
+            return resource_variable_ops.ResourceVariable(value, trainable=False, name=name)
+
+        ints, floats = [], []
+        for i, device in enumerate(devices):
+            with tf.device(device):
+                ints.append(variable(tf.zeros([size, 3, n], tf.int64), f"tracer_fingerprints_int_{i}"))
+                floats.append(variable(tf.zeros([size, 2, n], tf.float64), f"tracer_fingerprints_float_{i}"))
+        with tf.device(devices[0]):
+            steps = variable(tf.zeros([size], tf.int64), "tracer_fingerprint_steps")
+        host = device_util.get_host_for_device(devices[0])
+        with tf.device(host):
+            fill = variable(tf.zeros([], tf.int64), "tracer_fingerprint_fill")
+        return _DeviceBuffer(size=size, devices=devices, host=host, ints=ints, floats=floats, steps=steps,
+                             fill=fill)
 
     # ------------------------------------------------------------- lifecycle
     def _start(self, inputs0, input_names, loss0, capture: StepCapture) -> None:
@@ -339,6 +434,7 @@ class TraceSession:
                 fps = [t.numpy() for t in fingerprint_all(initial)]
             full = [t.numpy() for t in initial]
             writer.write_initial(step0, fps, full)
+        self._buffer = self._make_buffer(n_local)
 
     def _attrs(self, worker: int, n_workers: int, n_local: int, n_sync: int) -> Dict[str, Any]:
         strategy = self._strategy
@@ -376,7 +472,8 @@ class TraceSession:
         return attrs
 
     def flush(self) -> None:
-        """Block until every queued step of every writer is on disk; raises a pending write error."""
+        """Block until every traced step is on disk; raises a pending write error."""
+        self._drain()
         for writer in self.writers:
             writer.flush()
 
@@ -387,6 +484,10 @@ class TraceSession:
                 return
             self._closed = True
         first_error = None
+        try:
+            self._drain()
+        except Exception as exc:  # noqa: BLE001 - still close the files
+            first_error = exc
         for writer in self.writers:
             try:
                 writer.close()

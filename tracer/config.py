@@ -25,8 +25,10 @@ class CaptureConfig:
         kinds: Kinds to capture (default: all).
         queue_size: Steps buffered between the training step and the writer
             thread; when full, the training step waits.
-        flush_every: The writer flushes the file every this many steps; a
-            crash loses at most this many steps.
+        flush_every: Fingerprints wait on the device for this many steps,
+            then reach the host together, and the writer flushes the file
+            every this many steps. A killed process loses the steps since the
+            last flush (see docs/reliability.md); a normal exit loses none.
         on_write_error: ``"raise"`` stops training with the error;
             ``"disable"`` stops tracing, keeps what was written and lets
             training go on.

@@ -197,6 +197,11 @@ class TraceWriter:
         return self._steps_written
 
     @property
+    def last_step(self) -> Optional[int]:
+        """The last step handed to :meth:`write_step` (None before the first)."""
+        return self._last_step
+
+    @property
     def enabled(self) -> bool:
         return not (self._closed or self._disabled)
 
