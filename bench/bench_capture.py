@@ -271,7 +271,8 @@ def main(argv=None) -> int:
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[config].append(res)
-                line = f"round {r + 1} {config:34s} {res['median_s'] * 1e3:8.2f} ms/step {res['cpu_s'] * 1e3:8.2f} CPU ms/step"
+                line = (f"round {r + 1} {config:34s} {res['median_s'] * 1e3:8.2f} ms/step "
+                        f"{res['cpu_s'] * 1e3:8.2f} CPU ms/step")
                 if paired:
                     line += (f"   untraced twin {res['base_median_s'] * 1e3:7.2f} ms/step"
                              f" -> {res['median_s'] / res['base_median_s']:.2f}x")

@@ -180,8 +180,8 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         # The m partial results shrink the same way, SLICES-fold per vectorized pass.
         while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
             m //= SLICES
-            col_hash, col_key, col_sq = _reduce_slices(*(tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq)),
-                                                       fused)
+            cols = (tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq))
+            col_hash, col_key, col_sq = _reduce_slices(*cols, fused)
         total += tf.reduce_sum(col_hash)
         max_key = tf.maximum(max_key, tf.reduce_max(col_key))
         sumsq += tf.reduce_sum(col_sq)

@@ -355,17 +355,16 @@ class TraceSession:
         """Hand rows 0..filled-1 of the buffers to the writers; ``full`` goes with the last row."""
         n = len(self.tensors)
         for i, writer in enumerate(self.writers):
-            ints, floats = np.asarray(buffers[2 * i]), np.asarray(buffers[2 * i + 1])
+            # Copies: numpy_function may hand out views of TensorFlow buffers that are
+            # reused after we return, and the writer keeps the rows until its next flush.
+            ints, floats = np.array(buffers[2 * i][:filled]), np.array(buffers[2 * i + 1][:filled])
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
                     continue  # handed over already, before a failed hand-over stopped halfway
                 arrays = None
                 if full is not None and r == filled - 1:
-                    # numpy_function may hand out views of TensorFlow buffers that are
-                    # reused after we return; the writer thread needs its own copy.
                     arrays = [np.array(a, copy=True) for a in full[i * n:(i + 1) * n]]
-                vecs = [ints[r, 0].copy(), floats[r, 0].copy(), floats[r, 1].copy(), ints[r, 1].copy(),
-                        ints[r, 2].copy()]
+                vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
                 writer.write_step(int(steps[r]), vecs, arrays)
 
     def _drain(self) -> None:

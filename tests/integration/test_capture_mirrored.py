@@ -89,6 +89,26 @@ def test_full_tensors_follow_the_schedule_and_match_fingerprints(tf_cpus, tmp_pa
         assert r.full(0, 2) is None
 
 
+def test_rows_handed_over_in_blocks_are_the_rows_of_every_step(tf_cpus, tmp_path):
+    """Fingerprints wait on the device and reach the host every flush_every steps, or with a
+    full-tensor step: the trace is the one a hand-over per step writes, step for step."""
+    from tracer.hashing import tensor_hash
+
+    for name, every in (("per-step", 1), ("blocks", 3)):
+        training.train(_traced(tf_cpus, tmp_path / name, mode="full", full_every=5, flush_every=every), steps=11)
+    for a, b in zip(training.files(tmp_path / "per-step"), training.files(tmp_path / "blocks")):
+        _, steps_a, hashes_a = _hashes(a)
+        _, steps_b, hashes_b = _hashes(b)
+        assert list(steps_a) == list(steps_b) == list(range(11))
+        np.testing.assert_array_equal(hashes_a, hashes_b)
+        with TraceReader(b) as r:
+            # Steps 5 and 10 are full-tensor steps with a buffered step before them (4 and 9).
+            assert list(r.full_steps()) == [0, 5, 10]
+            for step in (5, 10):
+                for col, spec in enumerate(r.tensors):
+                    assert tensor_hash(r.full(col, step)) == int(hashes_b[step, col]), f"{step} {spec.kind} {spec.name}"
+
+
 def test_adam_step_recomputed_in_numpy_matches_the_traced_weights(tf_cpus, tmp_path):
     """The traced all-reduced gradient, slots and weights are the values Adam applied."""
     training.train(_traced(tf_cpus, tmp_path, mode="full"), steps=3, optimizer="adam", lr=1e-2)
