@@ -19,6 +19,7 @@ No value computed by the training step is changed; the tracer only adds reads.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -134,6 +135,15 @@ class _TracedStrategyMixin:
 
     def run(self, fn, args=(), kwargs=None, options=None):
         session = self._trace_session
+        if tf.executing_eagerly() and session.enabled:
+            # Steps are captured from the graph of a tf.function; an eager run() would go
+            # untraced without a word, and a trace missing steps is worse than a warning.
+            if not getattr(self, "_warned_eager", False):
+                self._warned_eager = True
+                warnings.warn("tracer: strategy.run outside tf.function is not traced; wrap the step in "
+                              "@tf.function (as TensorFlow's distributed training tutorial does) to trace it",
+                              RuntimeWarning, stacklevel=2)
+            return super().run(fn, args=args, kwargs=kwargs, options=options)
         capture = session.begin()
         if capture is None:
             return super().run(fn, args=args, kwargs=kwargs, options=options)

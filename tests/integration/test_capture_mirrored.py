@@ -172,6 +172,28 @@ def test_run_without_watch_is_a_clear_error(tf_cpus, tmp_path):
         training.train(_traced(tf_cpus, tmp_path), steps=1, watch=False)
 
 
+def test_eager_run_warns_that_it_is_not_traced(tf_cpus, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    strategy = _traced(tf_cpus, tmp_path)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        opt = keras.optimizers.SGD(0.1)
+        opt.build(model.trainable_variables)
+    strategy.watch(model, opt)
+
+    def step(xb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(xb) ** 2)
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="outside tf.function is not traced"):
+        strategy.run(step, args=(tf.ones((2, 4)),))
+    strategy.close()
+
+
 def test_capture_off_writes_nothing(tf_cpus, tmp_path):
     training.train(_traced(tf_cpus, tmp_path / "t", mode="off"), steps=2)
     assert not (tmp_path / "t").exists()
