@@ -7,7 +7,9 @@ Each tracer configuration runs side by side with an untraced twin (same model,
 same data, same initial weights) in one process, alternating blocks of 10
 steps, and its ratio is taken against that twin: on a shared machine whose
 speed drifts by 20% from minute to minute, only a side-by-side ratio means
-anything. TF Debugger cannot be turned off inside a process, so its
+anything. A block's time runs until the writer has flushed its steps, so a
+writer that falls behind is charged to the traced steps; a pair's step time is
+the median over its blocks. TF Debugger cannot be turned off inside a process, so its
 configurations (and ``--separate`` runs) use their own process and are compared
 with the untraced runs of the same invocation. Configurations are interleaved
 round by round; each result is the median step time over the measured steps,
@@ -202,13 +204,14 @@ def worker_side_by_side(config: str, steps: int, warmup: int, out_dir: str, bloc
         for name in (("untraced", "traced") if b % 2 == 0 else ("traced", "untraced")):
             step, it, strategy, _ = runs[name]
             c0 = time.process_time()
+            t0 = time.perf_counter()
             for _ in range(block):
-                batch = next(it)
-                t0 = time.perf_counter()
-                step(batch).numpy()
-                times[name].append(time.perf_counter() - t0)
+                step(next(it)).numpy()
             if strategy is not None:
                 strategy.flush()
+            # Per step, the block's wall time: the writer's lag (waited for by the
+            # flush) counts, where the median single step would hide it.
+            times[name].append((time.perf_counter() - t0) / block)
             cpu[name] += time.process_time() - c0
     strategy = runs["traced"][2]
     strategy.close()

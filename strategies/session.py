@@ -355,15 +355,15 @@ class TraceSession:
         """Hand rows 0..filled-1 of the buffers to the writers; ``full`` goes with the last row."""
         n = len(self.tensors)
         for i, writer in enumerate(self.writers):
-            # Copies: numpy_function may hand out views of TensorFlow buffers that are
-            # reused after we return, and the writer keeps the rows until its next flush.
+            # Copies: the fingerprint buffers are variables that later steps overwrite, and
+            # the writer keeps the rows until its next flush. (It copies full tensors itself.)
             ints, floats = np.array(buffers[2 * i][:filled]), np.array(buffers[2 * i + 1][:filled])
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
                     continue  # handed over already, before a failed hand-over stopped halfway
                 arrays = None
                 if full is not None and r == filled - 1:
-                    arrays = [np.array(a, copy=True) for a in full[i * n:(i + 1) * n]]
+                    arrays = list(full[i * n:(i + 1) * n])
                 vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
                 writer.write_step(int(steps[r]), vecs, arrays)
 

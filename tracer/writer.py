@@ -38,6 +38,10 @@ from tracer.config import CaptureConfig
 from tracer.errors import TraceWriteError
 
 _STOP = object()
+# h5py runs one HDF5 call at a time per process anyway. The writer threads of
+# one process (one per local replica) take turns per queued item instead of
+# per call: interleaved call by call, two writers used twice the CPU per byte.
+_HDF5_TURN = threading.Lock()
 _FP_CHUNK_ROWS = 256
 SPACE_RESERVE = 1 << 20
 """Bytes kept free on the trace's file system (and under RLIMIT_FSIZE) for the final flush and close."""
@@ -125,12 +129,17 @@ class TraceWriter:
         # the flush: only flushed rows count for a reader anyway, and one block
         # costs the training process far less than a dozen HDF5 calls per step.
         self._pending: List[Tuple[int, List[np.ndarray]]] = []
+        self._datasets: Dict[str, h5py.Dataset] = {}
         self._error: Optional[BaseException] = None
         self._hdf5_failed = False
         self._failed = False  # sticky: after the first error the thread writes nothing more
         self._disabled = False
         self._closed = False
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.config.queue_size)
+        # Full-tensor buffers the thread has written, for the next step's copy. Fresh
+        # arrays cost the training side a page fault per 4 KiB (over twice the cost
+        # of the copy itself); at most queue_size + 2 sets are ever in use.
+        self._free: "queue.SimpleQueue[List[np.ndarray]]" = queue.SimpleQueue()
         try:
             self._file = self._create(attrs or {})
         except (OSError, ValueError) as exc:
@@ -216,13 +225,33 @@ class TraceWriter:
 
     def write_step(self, step: int, fingerprints: Sequence[np.ndarray],
                    full: Optional[Sequence[np.ndarray]] = None) -> None:
-        """Append one step: STATS vectors over all columns, and full tensors (or None)."""
+        """Append one step: STATS vectors over all columns, and full tensors (or None).
+
+        The full tensors are copied before this returns (into buffers the
+        writer recycles), so the caller may reuse or release its arrays.
+        """
         step = int(step)
         if self._last_step is not None and step <= self._last_step:
             raise TraceWriteError(
                 f"{self.path}: steps must increase. Received: step={step} after step={self._last_step}")
         self._last_step = step
+        if full is not None and self.enabled:
+            full = self._copy_full(full)
         self._put(("step", step, fingerprints, full))
+
+    def _copy_full(self, full: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """``full`` copied into a recycled set of buffers (new ones if none fits)."""
+        full = [np.asarray(a) for a in full]
+        try:
+            bufs = self._free.get_nowait()
+        except queue.Empty:
+            bufs = None
+        if bufs is None or len(bufs) != len(full) or any(
+                b.shape != a.shape or b.dtype != a.dtype for b, a in zip(bufs, full)):
+            bufs = [np.empty(a.shape, a.dtype) for a in full]
+        for b, a in zip(bufs, full):
+            np.copyto(b, a)
+        return bufs
 
     def flush(self) -> None:
         """Block until everything queued so far is on disk."""
@@ -242,15 +271,19 @@ class TraceWriter:
             self._queue.put(_STOP)
             self._thread.join()
         try:
-            if self._file.id.valid:
+            # In turn with the other writers of this process, whose space checks
+            # must not interleave with these last writes.
+            with _HDF5_TURN:
+                if self._file.id.valid:
+                    if not self._hdf5_failed:
+                        self._flush()
+                    self._datasets.clear()
+                    self._file.close()
                 if not self._hdf5_failed:
-                    self._flush()
-                self._file.close()
-            if not self._hdf5_failed:
-                # The file is consistent (also after a refused write: nothing of
-                # it reached the file). SWMR writers may not add or change attributes; reopen to mark completion.
-                with h5py.File(self.path, "r+", libver="latest") as f:
-                    f.attrs[schema.ATTR_COMPLETE] = 1
+                    # The file is consistent (also after a refused write: nothing of it reached
+                    # the file). SWMR writers may not add or change attributes; reopen to mark completion.
+                    with h5py.File(self.path, "r+", libver="latest") as f:
+                        f.attrs[schema.ATTR_COMPLETE] = 1
         except (OSError, ValueError) as exc:
             if self._error is None:
                 self._error = exc
@@ -296,6 +329,7 @@ class TraceWriter:
         last_flush = time.monotonic()
         while True:
             item = self._queue.get()
+            _HDF5_TURN.acquire()
             try:
                 if item is _STOP:
                     return
@@ -311,6 +345,8 @@ class TraceWriter:
                 self._append(group, step, fps, full, cols)
                 if op == "step":
                     self._steps_written += 1
+                    if full is not None:
+                        self._free.put(full)
                     since_flush += 1
                 if since_flush >= self.config.flush_every or op == "initial" or time.monotonic() - last_flush > 5:
                     self._flush()
@@ -323,6 +359,7 @@ class TraceWriter:
                 self._failed = True
                 self._error = exc
             finally:
+                _HDF5_TURN.release()
                 self._queue.task_done()
 
     def _flush(self) -> None:
@@ -335,9 +372,9 @@ class TraceWriter:
         f = self._file
         self._write_pending()
         f.flush()
-        counts = np.array([f[schema.STEPS].shape[0], f[schema.FULL_STEPS].shape[0],
-                           f[f"{schema.INITIAL}/{schema.STEPS}"].shape[0]], dtype=np.int64)
-        f[schema.META_FLUSHED][:] = counts
+        counts = np.array([self._dataset(schema.STEPS).shape[0], self._dataset(schema.FULL_STEPS).shape[0],
+                           self._dataset(f"{schema.INITIAL}/{schema.STEPS}").shape[0]], dtype=np.int64)
+        self._dataset(schema.META_FLUSHED)[:] = counts
         f.flush()
 
     def _check_space(self, nbytes: int) -> None:
@@ -376,12 +413,11 @@ class TraceWriter:
                 values = values.view(np.uint64)
             row.append(values)
         if full is not None:
-            f = self._file
             self._check_space(sum(np.asarray(v).nbytes for v in full) + 8)
-            fsteps = f[schema.full_path(0, group).rsplit("/", 1)[0] + "/steps"]
+            fsteps = self._dataset(schema.full_path(0, group).rsplit("/", 1)[0] + "/steps")
             frow = fsteps.shape[0]
             for col, value in zip(cols, full):
-                d = f[schema.full_path(col, group)]
+                d = self._dataset(schema.full_path(col, group), chunk_cache=False)
                 d.resize((frow + 1,) + d.shape[1:])
                 d[frow] = value
             fsteps.resize((frow + 1,))
@@ -391,6 +427,24 @@ class TraceWriter:
         else:
             self._pending.append((step, row))
 
+    def _dataset(self, path: str, chunk_cache: bool = True) -> h5py.Dataset:
+        """The open dataset at ``path``, looked up once (a lookup costs as much as a small write).
+
+        Full-tensor datasets are opened without a chunk cache (``chunk_cache=False``):
+        each of their chunks is written once, so a cache would only copy it and
+        hold it back until the next flush, unaccounted for by the space check.
+        """
+        d = self._datasets.get(path)
+        if d is None:
+            if chunk_cache:
+                d = self._file[path]
+            else:
+                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+                dapl.set_chunk_cache(0, 0, 1.0)
+                d = h5py.Dataset(h5py.h5d.open(self._file.id, path.encode(), dapl=dapl))
+            self._datasets[path] = d
+        return d
+
     def _write_pending(self) -> None:
         if self._pending:
             rows, self._pending = self._pending, []
@@ -398,13 +452,12 @@ class TraceWriter:
 
     def _write_rows(self, group: str, rows: List[Tuple[int, List[np.ndarray]]]) -> None:
         """Append fingerprint rows as one block per dataset, the step index last."""
-        f = self._file
         self._check_space(sum(v.nbytes for _, row in rows for v in row) + 8 * len(rows))
         prefix = f"{group}/" if group else ""
-        steps = f[f"{prefix}{schema.STEPS}"]
+        steps = self._dataset(f"{prefix}{schema.STEPS}")
         start, n = steps.shape[0], len(rows)
         for k, (stat, _) in enumerate(schema.STATS):
-            d = f[f"{prefix}{schema.FINGERPRINTS}/{stat}"]
+            d = self._dataset(f"{prefix}{schema.FINGERPRINTS}/{stat}")
             d.resize((start + n, d.shape[1]))
             d[start:start + n] = np.stack([row[k] for _, row in rows])
         # The step index is written last: a reader trusts rows up to len(/steps).

@@ -1,0 +1,39 @@
+"""Full tensors handed to the writer are its own copies, and recycled buffers never overwrite a queued step."""
+
+import numpy as np
+
+from tracer.config import CaptureConfig
+from tracer.hashing import fingerprint
+from tracer.reader import TraceReader
+from tracer.schema import TensorSpec
+from tracer.writer import TraceWriter
+
+from tests.unit.tracegen import _stack
+
+TENSORS = [TensorSpec("weight", "w", (64, 32), "float32"), TensorSpec("weight", "b", (32,), "float32"),
+           TensorSpec("loss", "loss", (), "float32")]
+
+
+def test_full_tensors_survive_the_caller_reusing_its_arrays(tmp_path):
+    # Two writers in one process, as with two local replicas; a short queue, so
+    # the writers recycle buffers while later steps are still queued.
+    config = CaptureConfig(mode="full", queue_size=2, flush_every=3)
+    writers = [TraceWriter(str(tmp_path / f"replica-{r}.h5"), TENSORS, config=config, initial_columns=[])
+               for r in range(2)]
+    arrays = [np.zeros(t.shape, np.float32) for t in TENSORS]  # one set, overwritten for every step
+    expected = {}
+    for step in range(25):
+        for r, writer in enumerate(writers):
+            for k, a in enumerate(arrays):
+                a[...] = step * 1000 + r * 100 + k + np.arange(a.size, dtype=np.float32).reshape(a.shape) / 7
+            expected[step, r] = [a.copy() for a in arrays]
+            writer.write_step(step, _stack([fingerprint(a) for a in arrays]), arrays)
+    for writer in writers:
+        writer.close()
+    for r in range(2):
+        with TraceReader(str(tmp_path / f"replica-{r}.h5")) as reader:
+            assert list(reader.full_steps()) == list(range(25))
+            for step in range(25):
+                for k in range(len(TENSORS)):
+                    np.testing.assert_array_equal(reader.full(k, step), expected[step, r][k],
+                                                  err_msg=f"replica {r} step {step} tensor {k}")
