@@ -13,6 +13,13 @@ intact and readable (``h5py.File(path, "r", swmr=True)``, which
 ``tracer.reader`` does for you). Since only flushed steps count, the fingerprint
 rows of the steps in between wait in memory and go to the file as one block at
 the flush; full tensors are written as they arrive.
+
+Full tensors: the writer copies them into buffers it recycles, then its thread
+extends each full-tensor dataset by one row, which allocates that row's chunk
+(early allocation, no fill), and writes the bytes into it with ``pwrite``,
+outside h5py, so the writers of several local replicas write at the same time
+(h5py runs one HDF5 call at a time per process). The step enters
+``/full/steps`` only once all its tensors are written.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ _STOP = object()
 # one process (one per local replica) take turns per queued item instead of
 # per call: interleaved call by call, two writers used twice the CPU per byte.
 _HDF5_TURN = threading.Lock()
+# Bytes of full-tensor chunks allocated by this process's writers and still being
+# written with pwrite (guarded by _HDF5_TURN): every space check counts them.
+_raw_in_flight = [0]
 _FP_CHUNK_ROWS = 256
 SPACE_RESERVE = 1 << 20
 """Bytes kept free on the trace's file system (and under RLIMIT_FSIZE) for the final flush and close."""
@@ -49,6 +59,10 @@ SPACE_RESERVE = 1 << 20
 
 class _OutOfSpace(TraceWriteError):
     """Raised before a write that would not fit; the file itself is still intact."""
+
+
+class _RawWriteError(TraceWriteError):
+    """A full tensor's pwrite failed; HDF5's state is intact and the step is not recorded."""
 
 
 def fixed_string(text: str) -> np.ndarray:
@@ -130,6 +144,8 @@ class TraceWriter:
         # costs the training process far less than a dozen HDF5 calls per step.
         self._pending: List[Tuple[int, List[np.ndarray]]] = []
         self._datasets: Dict[str, h5py.Dataset] = {}
+        self._raw_cols: set = set()  # full-tensor columns whose rows are written with pwrite
+        self._fd: Optional[int] = None
         self._error: Optional[BaseException] = None
         self._hdf5_failed = False
         self._failed = False  # sticky: after the first error the thread writes nothing more
@@ -142,6 +158,7 @@ class TraceWriter:
         self._free: "queue.SimpleQueue[List[np.ndarray]]" = queue.SimpleQueue()
         try:
             self._file = self._create(attrs or {})
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         except (OSError, ValueError) as exc:
             raise TraceWriteError(f"{self.path}: cannot create trace file: {exc}") from exc
         self._thread = threading.Thread(target=self._run, name=f"TraceWriter-{os.path.basename(self.path)}",
@@ -193,9 +210,17 @@ class TraceWriter:
         for col in cols:
             spec = self.tensors[col]
             dtype = np.dtype(_np_dtype_name(spec.dtype))
+            chunks = _full_chunks(spec.shape, dtype.itemsize)
+            extra = {}
+            if maxrows is None and chunks == (1,) + spec.shape:
+                # Raw rows (see _append): each extension allocates its chunk at once,
+                # and HDF5 never writes fill values into it.
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                extra = {"dcpl": dcpl, "fill_time": "never"}
+                self._raw_cols.add(col)
             d = f.create_dataset(schema.full_path(col, group), shape=(0,) + spec.shape,
-                                 maxshape=(maxrows,) + spec.shape, dtype=dtype,
-                                 chunks=_full_chunks(spec.shape, dtype.itemsize))
+                                 maxshape=(maxrows,) + spec.shape, dtype=dtype, chunks=chunks, **extra)
             d.attrs["kind"] = fixed_string(spec.kind)
             d.attrs["name"] = fixed_string(spec.name)
             d.attrs["micro_step"] = spec.micro_step
@@ -279,6 +304,9 @@ class TraceWriter:
                         self._flush()
                     self._datasets.clear()
                     self._file.close()
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
                 if not self._hdf5_failed:
                     # The file is consistent (also after a refused write: nothing of it reached
                     # the file). SWMR writers may not add or change attributes; reopen to mark completion.
@@ -329,38 +357,60 @@ class TraceWriter:
         last_flush = time.monotonic()
         while True:
             item = self._queue.get()
-            _HDF5_TURN.acquire()
             try:
                 if item is _STOP:
                     return
                 if self._failed:
                     continue  # drain: the training side raises (once) on its next call
                 op, step, fps, full = item
-                if op == "flush":
-                    self._flush()
-                    since_flush = 0
-                    continue
-                group = schema.INITIAL if op == "initial" else ""
-                cols = self.initial_columns if op == "initial" else range(len(self.tensors))
-                self._append(group, step, fps, full, cols)
+                with _HDF5_TURN:
+                    if op == "flush":
+                        self._flush()
+                        since_flush = 0
+                        continue
+                    group = schema.INITIAL if op == "initial" else ""
+                    cols = self.initial_columns if op == "initial" else range(len(self.tensors))
+                    raw = self._append(group, step, fps, full, cols)
+                if raw:
+                    # Outside the turn: the writers of all local replicas copy their
+                    # bytes to the file system at the same time.
+                    try:
+                        self._write_raw(raw)
+                    finally:
+                        with _HDF5_TURN:
+                            _raw_in_flight[0] -= sum(data.nbytes for _, data in raw)
+                    with _HDF5_TURN:
+                        self._record_full_step(group, step)
                 if op == "step":
                     self._steps_written += 1
                     if full is not None:
                         self._free.put(full)
                     since_flush += 1
                 if since_flush >= self.config.flush_every or op == "initial" or time.monotonic() - last_flush > 5:
-                    self._flush()
+                    with _HDF5_TURN:
+                        self._flush()
                     since_flush = 0
                     last_flush = time.monotonic()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 # After a failed HDF5 write the file is not touched again (a
-                # flush would retry the failed write; see close).
-                self._hdf5_failed = not isinstance(exc, _OutOfSpace)
+                # flush would retry the failed write; see close). A refused or
+                # failed raw write left HDF5's state intact.
+                self._hdf5_failed = not isinstance(exc, (_OutOfSpace, _RawWriteError))
                 self._failed = True
                 self._error = exc
             finally:
-                _HDF5_TURN.release()
                 self._queue.task_done()
+
+    def _write_raw(self, raw: List[Tuple[int, np.ndarray]]) -> None:
+        """pwrite each (file offset, bytes) of a step's full tensors."""
+        for offset, data in raw:
+            view = memoryview(data)
+            while view.nbytes:
+                try:
+                    done = os.pwrite(self._fd, view, offset)
+                except OSError as exc:
+                    raise _RawWriteError(f"writing a full tensor failed: {exc}") from exc
+                view, offset = view[done:], offset + done
 
     def _flush(self) -> None:
         """Make every row written so far durable, then record how many rows that is.
@@ -385,7 +435,7 @@ class TraceWriter:
         to crash the process on the way out. Stopping before the limit keeps
         the file consistent, with SPACE_RESERVE left to flush and close it.
         """
-        need = 2 * nbytes + SPACE_RESERVE
+        need = 2 * nbytes + SPACE_RESERVE + _raw_in_flight[0]
         st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         free = st.f_bavail * st.f_frsize
         if free < need:
@@ -398,10 +448,12 @@ class TraceWriter:
                 raise _OutOfSpace(f"file size limit reached (RLIMIT_FSIZE {limit} bytes, file "
                                   f"{size} bytes, this step needs about {need})")
 
-    def _append(self, group: str, step: int, fps, full, cols) -> None:
+    def _append(self, group: str, step: int, fps, full, cols) -> List[Tuple[int, np.ndarray]]:
         """Write the full tensors of one step now; queue its fingerprint row for the next flush.
 
-        The ``/initial`` snapshot is written at once, row included.
+        The ``/initial`` snapshot is written at once, row included. Returns the
+        raw writes (file offset, bytes) still to do; the caller does them, then
+        records the step in the full-tensor index with ``_record_full_step``.
         """
         ncols = len(cols)
         row = []
@@ -412,20 +464,39 @@ class TraceWriter:
             if dtype == "uint64" and values.dtype == np.int64:
                 values = values.view(np.uint64)
             row.append(values)
+        raw: List[Tuple[int, np.ndarray]] = []
         if full is not None:
             self._check_space(sum(np.asarray(v).nbytes for v in full) + 8)
-            fsteps = self._dataset(schema.full_path(0, group).rsplit("/", 1)[0] + "/steps")
-            frow = fsteps.shape[0]
+            frow = self._full_steps(group).shape[0]
             for col, value in zip(cols, full):
                 d = self._dataset(schema.full_path(col, group), chunk_cache=False)
                 d.resize((frow + 1,) + d.shape[1:])
-                d[frow] = value
-            fsteps.resize((frow + 1,))
-            fsteps[frow] = step
+                data = _raw_bytes(d, value) if col in self._raw_cols and not group else None
+                if data is None:
+                    d[frow] = value
+                else:
+                    # The extension allocated the row's chunk: its bytes go there with
+                    # pwrite, outside h5py (which takes one HDF5 call at a time per process).
+                    raw.append((d.id.get_chunk_info_by_coord((frow,) + (0,) * (d.ndim - 1)).byte_offset, data))
+            if raw:
+                _raw_in_flight[0] += sum(data.nbytes for _, data in raw)
+            else:
+                self._record_full_step(group, step)
         if group:
             self._write_rows(group, [(step, row)])
         else:
             self._pending.append((step, row))
+        return raw
+
+    def _full_steps(self, group: str) -> h5py.Dataset:
+        return self._dataset(schema.full_path(0, group).rsplit("/", 1)[0] + "/steps")
+
+    def _record_full_step(self, group: str, step: int) -> None:
+        """Append ``step`` to the full-tensor step index, once the step's tensors are written."""
+        fsteps = self._full_steps(group)
+        frow = fsteps.shape[0]
+        fsteps.resize((frow + 1,))
+        fsteps[frow] = step
 
     def _dataset(self, path: str, chunk_cache: bool = True) -> h5py.Dataset:
         """The open dataset at ``path``, looked up once (a lookup costs as much as a small write).
@@ -463,6 +534,16 @@ class TraceWriter:
         # The step index is written last: a reader trusts rows up to len(/steps).
         steps.resize((start + n,))
         steps[start:start + n] = np.array([step for step, _ in rows], dtype=np.int64)
+
+
+def _raw_bytes(d: h5py.Dataset, value) -> Optional[np.ndarray]:
+    """``value``'s bytes as one row of ``d`` (uint8, C order), or None if they are not that row's layout."""
+    value = np.asarray(value)
+    if value.dtype.name == "bfloat16":
+        value = value.view(np.uint16)  # stored as its bit pattern
+    if value.dtype != d.dtype or value.shape != d.shape[1:]:
+        return None
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
 
 
 def _np_dtype_name(dtype: str) -> str:
