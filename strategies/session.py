@@ -356,7 +356,7 @@ class TraceSession:
         n = len(self.tensors)
         for i, writer in enumerate(self.writers):
             # Copies: the fingerprint buffers are variables that later steps overwrite, and
-            # the writer keeps the rows until its next flush. (It copies full tensors itself.)
+            # the writer keeps the rows until its next flush.
             ints, floats = np.array(buffers[2 * i][:filled]), np.array(buffers[2 * i + 1][:filled])
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
@@ -365,7 +365,9 @@ class TraceSession:
                 if full is not None and r == filled - 1:
                     arrays = list(full[i * n:(i + 1) * n])
                 vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
-                writer.write_step(int(steps[r]), vecs, arrays)
+                # TensorFlow's buffers, lent to the writer: a variable updated while
+                # the writer still holds its value is copied first by TensorFlow.
+                writer.write_step(int(steps[r]), vecs, arrays, copy=False)
 
     def _drain(self) -> None:
         """Outside any step: hand the rows still on the device to the writers."""

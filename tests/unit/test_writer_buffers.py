@@ -1,4 +1,4 @@
-"""Full tensors handed to the writer are its own copies, and recycled buffers never overwrite a queued step."""
+"""Full tensors reach the file exactly: the writer's copies, its recycled buffers and its raw writes lose nothing."""
 
 import numpy as np
 
@@ -10,8 +10,10 @@ from tracer.writer import TraceWriter
 
 from tests.unit.tracegen import _stack
 
-TENSORS = [TensorSpec("weight", "w", (64, 32), "float32"), TensorSpec("weight", "b", (32,), "float32"),
-           TensorSpec("loss", "loss", (), "float32")]
+# Whole pages (written with direct I/O where offered, through the staging buffer when
+# not page-aligned in memory; 5 MiB takes two pieces of it), part of a page, and a scalar.
+TENSORS = [TensorSpec("weight", "w", (64, 32), "float32"), TensorSpec("weight", "big", (1280, 1024), "float32"),
+           TensorSpec("weight", "b", (10,), "float32"), TensorSpec("loss", "loss", (), "float32")]
 
 
 def test_full_tensors_survive_the_caller_reusing_its_arrays(tmp_path):
