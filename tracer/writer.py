@@ -222,7 +222,7 @@ class TraceWriter:
             dtype = np.dtype(_np_dtype_name(spec.dtype))
             chunks = _full_chunks(spec.shape, dtype.itemsize)
             extra = {}
-            if maxrows is None and chunks == (1,) + spec.shape:
+            if maxrows is None and chunks == (1,) + spec.shape and hasattr(os, "pwrite"):
                 # Raw rows (see _append): each extension allocates its chunk at once,
                 # and HDF5 never writes fill values into it.
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
