@@ -14,12 +14,13 @@ intact and readable (``h5py.File(path, "r", swmr=True)``, which
 rows of the steps in between wait in memory and go to the file as one block at
 the flush; full tensors are written as they arrive.
 
-Full tensors: the writer copies them into buffers it recycles, then its thread
-extends each full-tensor dataset by one row, which allocates that row's chunk
-(early allocation, no fill), and writes the bytes into it with ``pwrite``,
-outside h5py, so the writers of several local replicas write at the same time
-(h5py runs one HDF5 call at a time per process). The step enters
-``/full/steps`` only once all its tensors are written.
+Full tensors: ``write_step`` copies them into buffers the writer recycles, or,
+with ``copy=False``, borrows the caller's arrays until they are written. The
+thread extends each full-tensor dataset by one row, which allocates that row's
+chunk (early allocation, no fill), and writes the bytes into it itself, outside
+h5py (direct I/O where offered, else ``pwrite``), so the writers of several
+local replicas write at the same time (h5py runs one HDF5 call at a time per
+process). The step enters ``/full/steps`` only once all its tensors are written.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _STOP = object()
 # per call: interleaved call by call, two writers used twice the CPU per byte.
 _HDF5_TURN = threading.Lock()
 # Bytes of full-tensor chunks allocated by this process's writers and still being
-# written with pwrite (guarded by _HDF5_TURN): every space check counts them.
+# written outside HDF5 (guarded by _HDF5_TURN): every space check counts them.
 _raw_in_flight = [0]
 _FP_CHUNK_ROWS = 256
 _PAGE = 4096
@@ -67,7 +68,7 @@ class _OutOfSpace(TraceWriteError):
 
 
 class _RawWriteError(TraceWriteError):
-    """A full tensor's pwrite failed; HDF5's state is intact and the step is not recorded."""
+    """Writing a full tensor's bytes failed; HDF5's state is intact and the step is not recorded."""
 
 
 def fixed_string(text: str) -> np.ndarray:
@@ -149,7 +150,7 @@ class TraceWriter:
         # costs the training process far less than a dozen HDF5 calls per step.
         self._pending: List[Tuple[int, List[np.ndarray]]] = []
         self._datasets: Dict[str, h5py.Dataset] = {}
-        self._raw_cols: set = set()  # full-tensor columns whose rows are written with pwrite
+        self._raw_paths: set = set()  # full-tensor datasets whose rows the writer writes itself
         self._fd: Optional[int] = None
         self._direct_fd: Optional[int] = None  # the same file with O_DIRECT, where the system offers it
         self._staging: Optional[np.ndarray] = None
@@ -228,7 +229,7 @@ class TraceWriter:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 extra = {"dcpl": dcpl, "fill_time": "never"}
-                self._raw_cols.add(col)
+                self._raw_paths.add(schema.full_path(col, group))
             d = f.create_dataset(schema.full_path(col, group), shape=(0,) + spec.shape,
                                  maxshape=(maxrows,) + spec.shape, dtype=dtype, chunks=chunks, **extra)
             d.attrs["kind"] = fixed_string(spec.kind)
@@ -512,14 +513,15 @@ class TraceWriter:
             self._check_space(sum(np.asarray(v).nbytes for v in full) + 8)
             frow = self._full_steps(group).shape[0]
             for col, value in zip(cols, full):
-                d = self._dataset(schema.full_path(col, group), chunk_cache=False)
+                path = schema.full_path(col, group)
+                d = self._dataset(path, chunk_cache=False)
                 d.resize((frow + 1,) + d.shape[1:])
-                data = _raw_bytes(d, value) if col in self._raw_cols and not group else None
+                data = _raw_bytes(d, value) if path in self._raw_paths else None
                 if data is None:
                     d[frow] = value
                 else:
-                    # The extension allocated the row's chunk: its bytes go there with
-                    # pwrite, outside h5py (which takes one HDF5 call at a time per process).
+                    # The extension allocated the row's chunk: _write_raw puts its bytes
+                    # there, outside h5py (which takes one HDF5 call at a time per process).
                     raw.append((d.id.get_chunk_info_by_coord((frow,) + (0,) * (d.ndim - 1)).byte_offset, data))
             if raw:
                 _raw_in_flight[0] += sum(data.nbytes for _, data in raw)

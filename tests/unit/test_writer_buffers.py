@@ -1,8 +1,12 @@
 """Full tensors reach the file exactly: the writer's copies, its recycled buffers and its raw writes lose nothing."""
 
+import os
+
 import numpy as np
+import pytest
 
 from tracer.config import CaptureConfig
+from tracer.errors import TraceWriteError
 from tracer.hashing import fingerprint
 from tracer.reader import TraceReader
 from tracer.schema import TensorSpec
@@ -39,3 +43,33 @@ def test_full_tensors_survive_the_caller_reusing_its_arrays(tmp_path):
                 for k in range(len(TENSORS)):
                     np.testing.assert_array_equal(reader.full(k, step), expected[step, r][k],
                                                   err_msg=f"replica {r} step {step} tensor {k}")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failed_full_tensor_write_stops_cleanly_and_keeps_the_steps_before(tmp_path):
+    # The bytes of full tensors bypass HDF5; when the disk refuses them (here the
+    # writer's own file descriptors are pointed at /dev/full: ENOSPC on every
+    # write), HDF5's state is intact, the step is not recorded and the file closes.
+    path = str(tmp_path / "replica-0.h5")
+    writer = TraceWriter(path, TENSORS, config=CaptureConfig(mode="full", flush_every=1), initial_columns=[])
+    arrays = [np.full(t.shape, 1.5, np.float32) for t in TENSORS]
+    for step in range(3):
+        writer.write_step(step, _stack([fingerprint(a) for a in arrays]), arrays)
+    writer.flush()
+    full_device = os.open("/dev/full", os.O_WRONLY)
+    try:
+        for fd in (writer._fd, writer._direct_fd):
+            if fd is not None:
+                os.dup2(full_device, fd)
+    finally:
+        os.close(full_device)
+    writer.write_step(3, _stack([fingerprint(a) for a in arrays]), arrays)
+    with pytest.raises(TraceWriteError, match="writing a full tensor failed: .*No space left on device"):
+        writer.flush()
+    writer.close()
+    with TraceReader(path) as reader:
+        assert reader.complete
+        assert list(reader.full_steps()) == [0, 1, 2]
+        for step in range(3):
+            for k in range(len(TENSORS)):
+                np.testing.assert_array_equal(reader.full(k, step), arrays[k])
