@@ -352,22 +352,37 @@ class TraceSession:
         return np.int64(0)
 
     def _write_rows(self, filled: int, steps, buffers, full) -> None:
-        """Hand rows 0..filled-1 of the buffers to the writers; ``full`` goes with the last row."""
+        """Hand rows 0..filled-1 of the buffers to the writers; ``full`` goes with the last row.
+
+        A full tensor of a shared column (a global kind) whose hash equals the
+        first local replica's at that step is written only to the first
+        replica's file; the others record where it is (``stored_in``).
+        """
         n = len(self.tensors)
+        first_hashes = None
         for i, writer in enumerate(self.writers):
             # Copies: the fingerprint buffers are variables that later steps overwrite, and
             # the writer keeps the rows until its next flush.
             ints, floats = np.array(buffers[2 * i][:filled]), np.array(buffers[2 * i + 1][:filled])
+            if full is not None and filled:
+                hashes = ints[filled - 1, 0]
+                if i == 0:
+                    first_hashes = hashes
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
                     continue  # handed over already, before a failed hand-over stopped halfway
-                arrays = None
+                arrays, stored_in = None, None
                 if full is not None and r == filled - 1:
                     arrays = list(full[i * n:(i + 1) * n])
+                    if i and first_hashes is not None and self.writers[0].enabled:
+                        # Equal hashes mean equal bits (collisions about 2**-64): the bytes
+                        # are in the first replica's file already.
+                        holder = self.writers[0].replica
+                        stored_in = {c: holder for c in writer.shared_columns if hashes[c] == first_hashes[c]}
                 vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
                 # TensorFlow's buffers, lent to the writer: a variable updated while
                 # the writer still holds its value is copied first by TensorFlow.
-                writer.write_step(int(steps[r]), vecs, arrays, copy=False)
+                writer.write_step(int(steps[r]), vecs, arrays, copy=False, stored_in=stored_in)
 
     def _drain(self) -> None:
         """Outside any step: hand the rows still on the device to the writers."""
@@ -421,11 +436,18 @@ class TraceSession:
         initial_cols = [c for c, t in enumerate(self.tensors) if t.key in self._variables]
         step0 = int(self.optimizer.iterations.numpy())
         os.makedirs(self.trace_dir, exist_ok=True)
-        for i in range(n_local):
+        # A job restored from a checkpoint (step0 > 0) continues the trace in a new segment file.
+        files = [segment_path(self.trace_dir, worker * n_local + i, step0, tensors=self.tensors, num_replicas=n_sync)
+                 for i in range(n_local)]
+        attrs[schema.ATTR_REPLICA_FILES] = json.dumps({str(worker * n_local + i): os.path.basename(path)
+                                                       for i, (path, _) in enumerate(files)})
+        # Full tensors of the global kinds are written once per worker when its local replicas
+        # agree bit for bit (see _write_rows): the other replicas' files point to the first one's.
+        shared = [c for c, t in enumerate(self.tensors) if t.kind in schema.GLOBAL_KINDS]
+        for i, (path, segment) in enumerate(files):
             replica = worker * n_local + i
-            # A job restored from a checkpoint (step0 > 0) continues the trace in a new segment file.
-            path, segment = segment_path(self.trace_dir, replica, step0, tensors=self.tensors, num_replicas=n_sync)
             writer = TraceWriter(path, self.tensors, config=self.config, initial_columns=initial_cols,
+                                 shared_columns=shared if i else (),
                                  attrs={**attrs, schema.ATTR_REPLICA: replica, schema.ATTR_LOCAL_REPLICA: i,
                                         schema.ATTR_SEGMENT: segment,
                                         "device": self._strategy.extended.worker_devices[i]})

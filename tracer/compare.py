@@ -185,6 +185,11 @@ class Comparison:
             self.noise_pairs = [(a.readers[i % len(a.readers)], noise.readers[i % len(noise.readers)])
                                 for i in range(len(self.pairs))]
 
+    def _notes_now(self) -> List[str]:
+        """The notes, with what the readers noted while comparing (full tensors they could not use)."""
+        late = [n for run in (self.a, self.b) for n in run.notes_now()]
+        return self.notes + [n for n in dict.fromkeys(late) if n not in self.notes]
+
     # ----------------------------------------------------------------- setup
     def _match_tensors(self) -> None:
         a, b = self.a, self.b
@@ -356,7 +361,7 @@ class Comparison:
         nonfinite = self._first_nonfinite() if first_bitwise is not None else None
         return Result(first=first_beyond, first_bitwise=first_bitwise, tolerance=self.tol, steps=self.steps_info,
                       divergent_steps=divergent, growth=growth, first_nonfinite=nonfinite,
-                      env_diff=env_diff(self.a.attrs, self.b.attrs), notes=self.notes,
+                      env_diff=env_diff(self.a.attrs, self.b.attrs), notes=self._notes_now(),
                       tensors={"compared": len(self.keys), **self.only,
                                "replica_pairs": [[pa.replica, pb.replica] for pa, pb in self.pairs]},
                       runs={"a": _run_dict(self.a), "b": _run_dict(self.b),

@@ -96,7 +96,7 @@ def check_run(run: Run, *, chunk_rows: int = CHUNK_ROWS, progress: bool = False)
                     "replica_pairs": [[run.readers[0].replica, r.replica] for r in run.readers[1:]]},
         "runs": {"a": {"path": run.path, "replicas": run.replicas, "num_replicas": run.num_replicas,
                        "steps": int(run.n_rows), "run_id": run.readers[0].run_id}},
-        "notes": notes,
+        "notes": notes + [n for n in run.notes_now() if n not in notes],
     }
 
 

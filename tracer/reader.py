@@ -231,6 +231,48 @@ class TraceReader:
         self._full_rows = {"": self._check_full("", self._flushed[1]), schema.INITIAL: self._check_full(schema.INITIAL)}
         self._column = {t.key: i for i, t in enumerate(self.tensors)}
         self._full_steps_cache: Dict[str, np.ndarray] = {}
+        self._siblings: Dict[int, Optional["TraceReader"]] = {}
+        self._all_steps: Optional[np.ndarray] = None
+        self._mismatch_noted: set = set()
+        self.notes: List[str] = []
+        self._holders = self._check_stored_in()
+
+    def _check_stored_in(self) -> Dict[int, str]:
+        """Replicas whose files hold some of this file's full tensors (schema 3), by replica: their paths."""
+        if not self._has(schema.FULL_STORED_IN):
+            if self.attrs.get(schema.ATTR_SCHEMA, 0) >= 3:
+                raise self._fail(f"missing dataset /{schema.FULL_STORED_IN}")
+            return {}
+        rows = self._full_rows[""]
+        d = self._dataset(schema.FULL_STORED_IN, ndim=2, kinds="iu")
+        if d.shape[1] != len(self.tensors) or d.shape[0] < rows:
+            raise self._fail(f"/{schema.FULL_STORED_IN} has shape {d.shape}, expected ({rows} or more, "
+                             f"{len(self.tensors)})")
+        self._check_stored(schema.FULL_STORED_IN, d, rows)
+        holders = {int(r) for r in np.unique(self._read(schema.FULL_STORED_IN, slice(0, rows)))} - {self.replica}
+        if not holders:
+            return {}
+        if any(r < 0 or r >= self.num_replicas for r in holders):
+            raise self._fail(f"/{schema.FULL_STORED_IN} names replicas {sorted(holders)}, outside 0.."
+                             f"{self.num_replicas - 1}")
+        try:
+            files = json.loads(self.attrs.get(schema.ATTR_REPLICA_FILES, "{}"))
+            files = {int(k): str(v) for k, v in files.items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise self._fail(f"root attribute {schema.ATTR_REPLICA_FILES} is malformed ({exc})") from exc
+        paths = {}
+        directory = os.path.dirname(os.path.abspath(self.path))
+        for r in sorted(holders):
+            name = files.get(r)
+            if name is None or os.path.basename(name) != name:
+                raise self._fail(f"/{schema.FULL_STORED_IN} names replica {r}, whose file is not in root "
+                                 f"attribute {schema.ATTR_REPLICA_FILES}")
+            paths[r] = os.path.join(directory, name)
+            if not os.path.exists(paths[r]):
+                self._note(f"full tensors of the global kinds that replica {r} held bit for bit equal are "
+                           f"kept once, in {name}, which is missing; they are compared by fingerprint only. "
+                           f"Keep a worker's replica files together")
+        return paths
 
     def _flushed_rows(self) -> Tuple[Optional[int], Optional[int], Optional[int]]:
         """Row limits of a file whose writer did not close it: what its last flush made durable."""
@@ -372,11 +414,20 @@ class TraceReader:
         return steps
 
     def full(self, col: int, step: int, group: str = "") -> Optional[np.ndarray]:
-        """Full tensor of column ``col`` at ``step``, or None if not recorded."""
+        """Full tensor of column ``col`` at ``step``, or None if not recorded.
+
+        A tensor this file's writer found bitwise equal in another local
+        replica's file (``/full/stored_in``) is read from that file, after
+        checking that both files hold the same hash for it at ``step``.
+        """
         steps = self.full_steps(group)
         hits = np.nonzero(steps == step)[0]
         if hits.size == 0:
             return None
+        if not group and self._holders:
+            holder = int(self._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
+            if holder != self.replica:
+                return self._full_elsewhere(holder, col, step)
         name = schema.full_path(col, group)
         if not self._has(name):
             return None
@@ -384,11 +435,74 @@ class TraceReader:
         spec = self.tensors[col]
         if d.shape[1:] != spec.shape:
             raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
-        if int(hits[0]) >= d.shape[0]:
+        row = int(hits[0])
+        if row >= d.shape[0]:
             return None
         self._check_stored(name, d, 1)
+        if d.chunks is not None and d.chunks[0] == 1 and d.id.get_chunk_info_by_coord(
+                (row,) + (0,) * (d.ndim - 1)).byte_offset is None:
+            # The writer allocates every row it writes; an unallocated one would read as zeros.
+            raise self._fail(f"/{name} holds no data for step {step} (row {row}), which the file says it stores; "
+                             f"the file is corrupt. Capture the run again")
         # bfloat16 comes back as raw bit patterns (uint16).
-        return self._read(name, int(hits[0]))
+        return self._read(name, row)
+
+    def _full_elsewhere(self, holder: int, col: int, step: int) -> Optional[np.ndarray]:
+        """Full tensor ``col`` at ``step`` from replica ``holder``'s file.
+
+        None, with a note, where that file cannot vouch for it: missing,
+        another run's, or holding another hash. The tensor's fingerprints
+        still count, so no difference is hidden.
+        """
+        if holder not in self._siblings:
+            path = self._holders.get(holder)
+            other = None
+            if path is None:
+                self._note(f"/{schema.FULL_STORED_IN} names replica {holder} at step {step}, which its first "
+                           f"rows do not name; that full tensor is not used")
+            elif os.path.exists(path):  # a missing one is told in notes already
+                other = TraceReader(path)
+                if other.run_id != self.run_id or other.replica != holder:
+                    self._note(f"{os.path.basename(path)} should hold replica {holder} of run {self.run_id!r} "
+                               f"but holds replica {other.replica} of run {other.run_id!r}; the full tensors "
+                               f"kept there are not used. Keep the replica files of one run together")
+                    other.close()
+                    other = None
+            self._siblings[holder] = other
+        other = self._siblings[holder]
+        if other is None:
+            return None
+        hits = np.nonzero(other.full_steps() == step)[0]
+        theirs = other._hash_at(step, col)
+        if hits.size == 0 or theirs is None:
+            return None  # that file's writer stopped before the step was on disk
+        mine = self._hash_at(step, col)
+        if mine != theirs or (other._holders and int(other._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
+                              != holder):
+            if holder in self._mismatch_noted:
+                return None
+            self._mismatch_noted.add(holder)
+            self._note(f"its full tensor {self.tensors[col].label} at step {step} is kept in "
+                       f"{os.path.basename(other.path)}, which does not hold it with the same hash ({mine} here, "
+                       f"{theirs} there); full tensors kept there that disagree so are not used (this is the "
+                       f"first), their fingerprints are")
+            return None
+        return other.full(col, step)
+
+    def _note(self, message: str) -> None:
+        message = f"{self.path}: {message}"
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def _hash_at(self, step: int, col: int) -> Optional[int]:
+        """The hash of column ``col`` at ``step`` (None if no row holds it)."""
+        if self._all_steps is None:
+            self._all_steps = self.steps()
+        steps = self._all_steps
+        row = int(np.searchsorted(steps, step))
+        if row >= steps.size or steps[row] != step:
+            return None
+        return int(self.fingerprints("hash", row, row + 1, [col])[0, 0])
 
     def initial_fingerprints(self, stat: str) -> np.ndarray:
         """Fingerprint ``stat`` of the initial snapshot, over ``initial_columns`` (empty if none)."""
@@ -404,6 +518,9 @@ class TraceReader:
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
+        for other in getattr(self, "_siblings", {}).values():
+            if other is not None:
+                other.close()
         if self._file is not None:
             try:
                 self._file.close()
@@ -489,6 +606,7 @@ class Run:
             for files in by_replica.values():
                 self.readers.append(_open_replica(files))
             self._validate()
+            self.notes.extend(n for r in self.readers for n in r.notes)
             events = {r.replica: r.events for r in self.readers if isinstance(r, segments.JoinedReader)}
             self.notes[:0] = segments.describe(self.path, events)
         except BaseException:
@@ -530,6 +648,10 @@ class Run:
         if incomplete:
             self.notes.append(f"{self.path}: {', '.join(incomplete)} not closed cleanly (run stopped early?); "
                               f"the steps written before are used")
+
+    def notes_now(self) -> List[str]:
+        """``notes`` and what the readers noted since (a full tensor they could not use)."""
+        return self.notes + [n for r in self.readers for n in r.notes if n not in self.notes]
 
     @property
     def tensors(self) -> List[schema.TensorSpec]:

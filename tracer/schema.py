@@ -14,6 +14,7 @@ Layout of ``<trace_dir>/replica-<global replica index>.h5`` (and of its segments
     /steps                  int64 (S,)      optimizer step of each row
     /fingerprints/<stat>    (S, T)          one column per tensor, see STATS
     /full/steps             int64 (N,)      steps that have full tensors
+    /full/stored_in         int32 (N, T)    replica whose file holds row n of /full/<col> (schema 3)
     /full/<col>             (N, *shape)     full tensor of column <col>
     /initial/...            same layout for the state before the first update
 
@@ -33,15 +34,21 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from tracer.errors import TraceFormatError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped on any incompatible change of the layout below.
 
 Version 2 added segments: a resumed job continues a replica's trace in
 ``replica-<g>.seg<k>.h5`` (root attribute ``segment`` = k). The files themselves
 are laid out as in version 1, but a version-1 reader would silently ignore the
-segments, so it must refuse the files instead."""
-READABLE_VERSIONS = (1, 2)
-"""Schema versions this reader accepts (a version-1 file is a run of one segment)."""
+segments, so it must refuse the files instead.
+
+Version 3 added ``/full/stored_in``: a full tensor of a global kind that is
+bitwise equal (equal hash) to the same tensor of another local replica of the
+worker at the same step is kept once, in that replica's file. An older reader
+would read the row it does not hold as zeros, so it must refuse the files."""
+READABLE_VERSIONS = (1, 2, 3)
+"""Schema versions this reader accepts (a version-1 file is a run of one segment; versions 1 and 2
+hold every full tensor in the file itself)."""
 
 FILE_PATTERN = "replica-{replica}.h5"
 FILE_REGEX = re.compile(r"^replica-(\d+)\.h5$")
@@ -63,12 +70,15 @@ ATTR_COMPLETE = "complete"
 """Set to 1 by a clean close; absent or 0 means the run stopped mid-way."""
 ATTR_SEGMENT = "segment"
 """Segment index k: 0 for ``replica-<g>.h5``, k for ``replica-<g>.seg<k>.h5`` (schema 2; absent = 0)."""
+ATTR_REPLICA_FILES = "replica_files"
+"""JSON object: global replica index -> file name, for every local replica of this file's worker
+(schema 3). ``/full/stored_in`` names replicas; this names their files, in the same directory."""
 
 # Root attributes that legitimately differ between replicas of one run, or
 # between any two runs; the environment diff skips them.
 PER_FILE_ATTRS = frozenset({
     ATTR_REPLICA, ATTR_LOCAL_REPLICA, ATTR_WORKER, ATTR_RUN_ID, ATTR_COMPLETE, ATTR_SEGMENT,
-    "device", "pid",
+    ATTR_REPLICA_FILES, "device", "pid",
 })
 
 # Groups and datasets.
@@ -82,6 +92,11 @@ STEPS = "steps"
 FINGERPRINTS = "fingerprints"
 FULL = "full"
 FULL_STEPS = "full/steps"
+FULL_STORED_IN = "full/stored_in"
+"""int32 (N, T), schema 3: the global replica whose file holds row n of ``/full/<col>``. This file's
+own replica, except for a tensor of a GLOBAL_KIND found bitwise equal (by hash) to that of the
+worker's first local replica at the same step: its bytes are written once, in that replica's file,
+and this file's row is left unallocated."""
 INITIAL = "initial"
 
 STATS: Tuple[Tuple[str, str], ...] = (

@@ -309,6 +309,10 @@ class JoinedReader:
         piece = self._piece_holding(step)
         return None if piece is None else piece.reader.full(col, step)
 
+    @property
+    def notes(self) -> List[str]:
+        return [n for _, r in self.segments for n in r.notes]
+
     def initial_fingerprints(self, stat: str) -> np.ndarray:
         return self._head.initial_fingerprints(stat)
 

@@ -257,7 +257,7 @@ class SnapshotSearch:
                      "steps_read": [int(s) for s in self.snapshots_read]}
         result = _SnapshotResult(
             first=first, first_bitwise=first_bitwise, tolerance=self.tol, steps=steps, divergent_steps=None,
-            growth=None, env_diff=env_diff(self.a.attrs, self.b.attrs), notes=notes,
+            growth=None, env_diff=env_diff(self.a.attrs, self.b.attrs), notes=self.cmp._notes_now(),
             tensors={"compared": len(self.cmp.keys), **self.cmp.only,
                      "replica_pairs": [[pa.replica, pb.replica] for pa, pb in self.pairs]},
             runs={"a": _run_dict(self.a), "b": _run_dict(self.b), "noise": None})

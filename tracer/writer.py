@@ -21,6 +21,13 @@ chunk (early allocation, no fill), and writes the bytes into it itself, outside
 h5py (direct I/O where offered, else ``pwrite``), so the writers of several
 local replicas write at the same time (h5py runs one HDF5 call at a time per
 process). The step enters ``/full/steps`` only once all its tensors are written.
+
+Shared full tensors: the weights, slots and applied gradients of a worker's
+local replicas are normally bitwise equal. ``write_step(..., stored_in=...)``
+names the columns whose bytes another local replica's file holds for this step
+(the caller decides it from equal hashes); this file records that replica in
+``/full/stored_in`` and leaves its own row unallocated. A replica whose values
+differ (a desync) still gets every byte of its own.
 """
 
 from __future__ import annotations
@@ -130,6 +137,9 @@ class TraceWriter:
         config: The capture configuration, stored in the file.
         initial_columns: Columns recorded in the ``/initial`` snapshot
             (weights and optimizer slots before the first update).
+        shared_columns: Columns whose full tensors another local replica's
+            file may hold for some steps (see ``write_step``). Their datasets
+            allocate a row only when it is written here.
 
     Use as a context manager, or call :meth:`close` (idempotent).
     """
@@ -137,12 +147,18 @@ class TraceWriter:
     def __init__(self, path: str, tensors: Sequence[schema.TensorSpec], *,
                  attrs: Optional[Mapping[str, Any]] = None,
                  config: Optional[CaptureConfig] = None,
-                 initial_columns: Optional[Sequence[int]] = None):
+                 initial_columns: Optional[Sequence[int]] = None,
+                 shared_columns: Sequence[int] = ()):
         self.path = os.fspath(path)
         self.tensors = list(tensors)
         self.config = config or CaptureConfig()
         self.initial_columns = list(initial_columns if initial_columns is not None else [
             i for i, t in enumerate(self.tensors) if t.kind in ("optimizer_slot", "weight")])
+        self.replica = int((attrs or {}).get(schema.ATTR_REPLICA, 0))
+        self.shared_columns = frozenset(int(c) for c in shared_columns)
+        if any(not 0 <= c < len(self.tensors) for c in self.shared_columns):
+            raise TraceWriteError(f"{self.path}: shared_columns must be columns of the tensor table (0.."
+                                  f"{len(self.tensors) - 1}). Received: {sorted(self.shared_columns)}")
         self._steps_written = 0
         self._last_step: Optional[int] = None
         # Fingerprint rows received since the last flush, written as one block by
@@ -197,6 +213,9 @@ class TraceWriter:
             full_cols = range(len(self.tensors)) if self.config.mode == "full" else []
             self._create_full(f, "", full_cols, None)
             self._create_full(f, schema.INITIAL, self.initial_columns, 1)
+            ncols = len(self.tensors)
+            f.create_dataset(schema.FULL_STORED_IN, shape=(0, ncols), maxshape=(None, ncols if ncols else None),
+                             dtype=np.int32, chunks=(64, max(ncols, 1)))
             f.swmr_mode = True
         except BaseException:
             f.close()
@@ -223,7 +242,8 @@ class TraceWriter:
             dtype = np.dtype(_np_dtype_name(spec.dtype))
             chunks = _full_chunks(spec.shape, dtype.itemsize)
             extra = {}
-            if maxrows is None and chunks == (1,) + spec.shape and hasattr(os, "pwrite"):
+            shared = maxrows is None and col in self.shared_columns
+            if maxrows is None and chunks == (1,) + spec.shape and hasattr(os, "pwrite") and not shared:
                 # Raw rows (see _append): each extension allocates its chunk at once,
                 # and HDF5 never writes fill values into it.
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -260,8 +280,14 @@ class TraceWriter:
         self._put(("initial", int(step), fingerprints, full, False))
 
     def write_step(self, step: int, fingerprints: Sequence[np.ndarray],
-                   full: Optional[Sequence[np.ndarray]] = None, *, copy: bool = True) -> None:
+                   full: Optional[Sequence[np.ndarray]] = None, *, copy: bool = True,
+                   stored_in: Optional[Mapping[int, int]] = None) -> None:
         """Append one step: STATS vectors over all columns, and full tensors (or None).
+
+        ``stored_in`` maps shared columns (see ``shared_columns``) to the
+        replica whose file holds their bytes at this step: the caller found
+        them bitwise equal there. Their entries of ``full`` are not written
+        (they may be None).
 
         With ``copy`` (the default) the full tensors are copied before this
         returns (into buffers the writer recycles), so the caller may reuse its
@@ -274,23 +300,35 @@ class TraceWriter:
         if self._last_step is not None and step <= self._last_step:
             raise TraceWriteError(
                 f"{self.path}: steps must increase. Received: step={step} after step={self._last_step}")
+        elsewhere: Dict[int, int] = {}
+        if stored_in:
+            if full is None:
+                raise TraceWriteError(f"{self.path}: stored_in is given for step {step} but no full tensors")
+            elsewhere = {int(c): int(r) for c, r in stored_in.items() if int(r) != self.replica}
+            wrong = sorted(set(elsewhere) - self.shared_columns)
+            if wrong:
+                raise TraceWriteError(f"{self.path}: stored_in names columns {wrong}, which are not shared "
+                                      f"columns of this writer. Received: stored_in={dict(stored_in)}")
         self._last_step = step
         if full is not None and self.enabled:
-            full = self._copy_full(full) if copy else [np.asarray(a) for a in full]
-        self._put(("step", step, fingerprints, full, copy))
+            full = [None if c in elsewhere else a for c, a in enumerate(full)]
+            full = self._copy_full(full) if copy else [None if a is None else np.asarray(a) for a in full]
+        self._put(("step", step, fingerprints, (full, elsewhere) if full is not None else None, copy))
 
     def _copy_full(self, full: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """``full`` copied into a recycled set of buffers (new ones if none fits)."""
-        full = [np.asarray(a) for a in full]
+        """``full`` copied into a recycled set of buffers (new ones if none fits); None entries stay None."""
+        full = [None if a is None else np.asarray(a) for a in full]
         try:
             bufs = self._free.get_nowait()
         except queue.Empty:
             bufs = None
         if bufs is None or len(bufs) != len(full) or any(
-                b.shape != a.shape or b.dtype != a.dtype for b, a in zip(bufs, full)):
-            bufs = [np.empty(a.shape, a.dtype) for a in full]
+                (b is None) != (a is None) or (a is not None and (b.shape != a.shape or b.dtype != a.dtype))
+                for b, a in zip(bufs, full)):
+            bufs = [None if a is None else np.empty(a.shape, a.dtype) for a in full]
         for b, a in zip(bufs, full):
-            np.copyto(b, a)
+            if a is not None:
+                np.copyto(b, a)
         return bufs
 
     def flush(self) -> None:
@@ -400,7 +438,7 @@ class TraceWriter:
                 if op == "step":
                     self._steps_written += 1
                     if full is not None and owned:
-                        self._free.put(full)
+                        self._free.put(full[0])
                     since_flush += 1
                 if since_flush >= self.config.flush_every or op == "initial" or time.monotonic() - last_flush > 5:
                     with _HDF5_TURN:
@@ -510,12 +548,23 @@ class TraceWriter:
             row.append(values)
         raw: List[Tuple[int, np.ndarray]] = []
         if full is not None:
-            self._check_space(sum(np.asarray(v).nbytes for v in full) + 8)
+            full, elsewhere = full if not group else (full, {})
+            self._check_space(sum(np.asarray(v).nbytes for v in full if v is not None) + 8 + 4 * ncols)
             frow = self._full_steps(group).shape[0]
+            if not group:
+                # Before the step enters /full/steps: a reader trusts this row from then on.
+                where = np.full(ncols, self.replica, dtype=np.int32)
+                for col, holder in elsewhere.items():
+                    where[col] = holder
+                d = self._dataset(schema.FULL_STORED_IN)
+                d.resize((frow + 1, ncols))
+                d[frow] = where
             for col, value in zip(cols, full):
                 path = schema.full_path(col, group)
                 d = self._dataset(path, chunk_cache=False)
                 d.resize((frow + 1,) + d.shape[1:])
+                if col in elsewhere:
+                    continue  # unallocated here: another replica's file holds these bytes
                 data = _raw_bytes(d, value) if path in self._raw_paths else None
                 if data is None:
                     d[frow] = value

@@ -101,7 +101,7 @@ def _pick(regions: List[tuple], rng) -> int:
 # ----------------------------------------------------------------- mutations
 # Each takes (run_dir, victim file, rng, context) and returns (description, expectation).
 
-REQUIRED = [schema.META_TENSORS, schema.META_CONFIG, schema.STEPS, schema.FULL_STEPS,
+REQUIRED = [schema.META_TENSORS, schema.META_CONFIG, schema.STEPS, schema.FULL_STEPS, schema.FULL_STORED_IN,
             f"{schema.INITIAL}/columns", f"{schema.INITIAL}/{schema.STEPS}"] + [
     f"{g}{schema.FINGERPRINTS}/{s}" for g in ("", f"{schema.INITIAL}/") for s in schema.STAT_NAMES]
 
@@ -159,10 +159,24 @@ def m_delete(run, path, rng, ctx):
 
 def m_delete_full_column(run, path, rng, ctx):
     with h5py.File(path, "r") as f:
-        cols = sorted(k for k in f[schema.FULL] if k != "steps")
+        cols = sorted(k for k in f[schema.FULL] if k not in ("steps", "stored_in"))
     name = f"{schema.FULL}/{rng.choice(cols)}"
     _edit(path, lambda f: f.__delitem__(name))
     return f"deleted /{name}", "any"
+
+
+def m_stored_in(run, path, rng, ctx):
+    """Point one full tensor at another replica's file (or at none)."""
+    def point(f):
+        d = f[schema.FULL_STORED_IN]
+        if not d.shape[0]:
+            return "no full steps"
+        n, c = int(rng.integers(d.shape[0])), int(rng.integers(d.shape[1]))
+        old = int(d[n, c])
+        new = int(rng.choice([v for v in (-1, 0, 1, 2, 7) if v != old]))
+        d[n, c] = new
+        return f"/{schema.FULL_STORED_IN}[{n}, {c}]: {old} -> {new}"
+    return _edit(path, point), "any"
 
 
 def m_group_for_dataset(run, path, rng, ctx):
@@ -185,7 +199,7 @@ def m_dataset_for_group(run, path, rng, ctx):
     return f"group /{name} replaced by a dataset", "error"
 
 
-SCHEMA_VALUES = [0, 3, 99, -1, 2**62, "1", b"1", 1.0, np.array([1, 1]), np.float32(1), True]
+SCHEMA_VALUES = [0, schema.SCHEMA_VERSION + 1, 99, -1, 2**62, "1", b"1", 1.0, np.array([1, 1]), np.float32(1), True]
 
 
 def m_schema(run, path, rng, ctx):
@@ -445,7 +459,7 @@ MUTATIONS: Dict[str, Callable] = {
     "wrong_dtype": m_wrong_dtype, "wrong_shape": m_wrong_shape, "absurd_shape": m_absurd_shape,
     "external_link": m_external_link, "directory": m_directory, "fifo": m_fifo,
     "symlink_dev": m_symlink_dev, "missing_replica": m_missing_replica,
-    "initial_columns": m_initial_columns, "control_names": m_control_names,
+    "initial_columns": m_initial_columns, "control_names": m_control_names, "stored_in": m_stored_in,
 }
 # Bit flips are where HDF5 itself is exercised hardest; give them more cases.
 WEIGHTS = {name: 1.0 for name in MUTATIONS}

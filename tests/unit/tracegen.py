@@ -9,6 +9,7 @@ replica only, global kinds on every replica) and every tensor of later steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zlib
 from typing import Dict, List, Optional, Sequence
@@ -130,13 +131,17 @@ def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
 def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[Plant] = (), seed: int = 0,
               tensors: Optional[Sequence[TensorSpec]] = None, first_step: int = 0, full: bool = False,
               full_every: int = 1, attrs: Optional[Dict] = None, run_id: str = "run",
-              reverse_columns: bool = False) -> str:
+              reverse_columns: bool = False, share_full: bool = True) -> str:
     """Write ``replicas`` trace files into ``run_dir``; returns ``run_dir``.
 
     ``tensors`` are in dataflow order; ``reverse_columns`` writes the kinds in
     reverse order, and the all-reduce input before the micro-steps, so the
     analyzer cannot rely on the file's column order. (Order *inside* a kind is
     the capture side's backprop order, part of the contract, and is kept.)
+
+    With ``share_full`` the replicas are the local replicas of one worker, as
+    the capture side writes them: a full tensor of a global kind whose hash
+    equals replica 0's at that step is kept only in ``replica-0.h5``.
     """
     specs = list(tensors or model_tensors())
     order = list(range(len(specs)))
@@ -147,18 +152,26 @@ def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[P
                   "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "seeds": {"weights": seed}, "strategy": "MirroredStrategy",
                   "xla": False, "op_determinism": True}
     base_attrs.update(attrs or {})
+    if share_full:
+        base_attrs[schema.ATTR_REPLICA_FILES] = json.dumps({str(r): schema.replica_file_name(r)
+                                                            for r in range(replicas)})
     os.makedirs(run_dir, exist_ok=True)
+    first_hashes: Dict[int, np.ndarray] = {}
     for r in range(replicas):
         a = dict(base_attrs, replica=r, num_replicas=replicas, run_id=run_id, initial_step=first_step)
         path = os.path.join(run_dir, schema.replica_file_name(r))
-        with TraceWriter(path, [specs[j] for j in order], attrs=a, config=config) as w:
+        shared = [c for c, j in enumerate(order) if specs[j].kind in schema.GLOBAL_KINDS] if share_full and r else []
+        with TraceWriter(path, [specs[j] for j in order], attrs=a, config=config, shared_columns=shared) as w:
             cols = w.initial_columns
             init = [_value(specs, order[c], first_step, r, seed, plants, initial=True) for c in cols]
             w.write_initial(first_step, _stack([fingerprint(x) for x in init]), init if full else None)
             for s in range(first_step, first_step + steps):
                 vals = [_value(specs, j, s, r, seed, plants) for j in order]
-                w.write_step(s, _stack([fingerprint(x) for x in vals]),
-                             vals if config.wants_full(s) else None)
+                fps = _stack([fingerprint(x) for x in vals])
+                if r == 0:
+                    first_hashes[s] = fps[0]
+                stored_in = {c: 0 for c in shared if fps[0][c] == first_hashes[s][c]} if config.wants_full(s) else None
+                w.write_step(s, fps, vals if config.wants_full(s) else None, stored_in=stored_in)
     return str(run_dir)
 
 
