@@ -30,8 +30,9 @@ try:  # XLA's variadic reduce: one loop for several reductions. Private, hence o
     from tensorflow.compiler.tf2xla.ops import gen_xla_ops as _xla_ops
 
     _VARIADIC_REDUCE = getattr(_xla_ops, "xla_variadic_reduce_v2", None)
+    _BARRIER = getattr(_xla_ops, "xla_optimization_barrier", None)
 except ImportError:  # pragma: no cover - TensorFlow builds without XLA
-    _VARIADIC_REDUCE = None
+    _VARIADIC_REDUCE = _BARRIER = None
 
 
 def _u64(value: int) -> tf.Tensor:
@@ -135,6 +136,25 @@ def _pieces(x: tf.Tensor) -> List[Tuple[tf.Tensor, int]]:
     return parts
 
 
+def _index_terms(slices: int, m: int, first: int, fused: bool) -> tf.Tensor:
+    """``(j + 1) * GOLDEN`` for the words of a [slices, m] part whose first word has ``j + 1 == first``.
+
+    Written as ``c * GOLDEN + (s * m + first) * GOLDEN`` (mod 2**64), a [1, m] row
+    plus a [slices, 1] column that an optimization barrier keeps from being folded
+    into the row: folded, it is a [slices, m] constant that the loop reads beside
+    the tensor, 8 more bytes per word; unfolded, XLA computes the row in the loop,
+    once per column for all slices.
+    """
+    gold = np.uint64(hashing.INDEX_MUL_64)
+    with np.errstate(over="ignore"):
+        row = np.arange(m, dtype=np.uint64) * gold
+        col = (np.arange(slices, dtype=np.uint64) * np.uint64(m) + np.uint64(first)) * gold
+    col = tf.constant(col[:, None])
+    if fused and _BARRIER is not None:
+        col = _BARRIER([col])[0]
+    return tf.constant(row[None, :]) + col
+
+
 @functools.lru_cache(maxsize=None)
 def _sum_max_sumsq_reducer(key_dtype: tf.DType):
     @tf.function(autograph=False)
@@ -168,8 +188,7 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     sumsq = tf.zeros([], tf.float64)
     for pieces, first in _pieces(x):
         slices, m = int(pieces.shape[0]), int(pieces.shape[1])
-        idx = tf.reshape(tf.cast(tf.range(first, first + slices * m, dtype=tf.int64), tf.uint64), [slices, m])
-        mixed = _mix64(_words(pieces) + idx * _u64(hashing.INDEX_MUL_64))
+        mixed = _mix64(_words(pieces) + _index_terms(slices, m, first, fused))
         keys = _abs_key(pieces)
         wide = tf.cast(pieces, tf.float64)
         part_key, part_sq = keys[..., 0], wide[..., 0] * wide[..., 0]

@@ -80,6 +80,20 @@ def _input_names(structure: Any) -> List[str]:
     return [f"batch[{p}]" if p else "batch" for p, _ in paths]
 
 
+def check_input_shapes(per_replica_inputs: Sequence[Sequence[Any]]) -> None:
+    """Full tensors need one shape per column: refuse batches split unevenly across replicas."""
+    for k, first in enumerate(per_replica_inputs[0]):
+        want = tuple(first.shape)
+        for i, inputs in enumerate(per_replica_inputs):
+            shape = tuple(inputs[k].shape)
+            if shape != want:
+                raise CaptureError(
+                    f"input component {k} has shape {shape} on local replica {i} but {want} on replica 0 "
+                    f"(the batch does not split evenly across {len(per_replica_inputs)} replicas); full "
+                    f"tensors need one shape per column. Make the global batch divisible by the number of "
+                    f"replicas, or leave 'input' out of CaptureConfig(kinds=...) for full capture")
+
+
 class TraceSession:
     """Capture state of one traced strategy.
 
@@ -265,6 +279,8 @@ class TraceSession:
             per_replica_inputs.append(tf.nest.flatten(structure))
             loss = distribute_utils.select_replica(i, result) if result is not None else None
             per_replica_loss.append(self._pick_loss(loss))
+        if self.config.mode == "full" and "input" in self.config.kinds:
+            check_input_shapes(per_replica_inputs)
         if self.tensors is None:
             names = _input_names(_input_structure(args, kwargs))
             with tf.init_scope():
@@ -340,7 +356,32 @@ class TraceSession:
                                            cfg.full_every), 0)
         if cfg.full_window is not None:
             wanted = tf.logical_and(wanted, tf.logical_and(step >= cfg.full_window[0], step <= cfg.full_window[1]))
-        tf.cond(wanted, lambda: hand_over(flat_full), rows_due)
+        tf.cond(wanted, lambda: hand_over(self._shared_out(flat_fps, flat_full)), rows_due)
+
+    def _shared_out(self, flat_fps, flat_full) -> List[tf.Tensor]:
+        """``flat_full`` with an empty tensor for each full tensor the host need not receive.
+
+        A tensor of a global kind on local replica i > 0 whose hash equals the
+        first replica's is written once, in the first replica's file (see
+        ``_write_rows``). Deciding that on the device keeps its bytes there:
+        on a GPU, they never cross to the host. (Both branches give a vector;
+        ``_write_rows`` restores the shape.)
+        """
+        n = len(self.tensors)
+        n_local = len(flat_full) // n if n else 0
+        out = list(flat_full)
+        shared = [c for c, t in enumerate(self.tensors) if t.kind in schema.GLOBAL_KINDS]
+        if n_local < 2 or not shared:
+            return out
+        first = tf.gather(flat_fps[0], shared)
+        for i in range(1, n_local):
+            with tf.device(self._buffer.devices[i]):
+                same = tf.unstack(tf.equal(tf.gather(flat_fps[i * _N_STATS], shared), first))
+                for k, c in enumerate(shared):
+                    t = out[i * n + c]
+                    out[i * n + c] = tf.cond(same[k], lambda t=t: tf.zeros([0], t.dtype),
+                                             lambda t=t: tf.reshape(t, [-1]))
+        return out
 
     def _on_rows(self, filled, steps, *buffers) -> np.int64:
         self._write_rows(int(filled), steps, buffers, None)
@@ -368,21 +409,28 @@ class TraceSession:
                 hashes = ints[filled - 1, 0]
                 if i == 0:
                     first_hashes = hashes
+                arrays = list(full[i * n:(i + 1) * n])
+                for c in writer.shared_columns:
+                    if arrays[c].size or not self.tensors[c].size:
+                        arrays[c] = arrays[c].reshape(self.tensors[c].shape)
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
                     continue  # handed over already, before a failed hand-over stopped halfway
-                arrays, stored_in = None, None
+                stored_in = None
                 if full is not None and r == filled - 1:
-                    arrays = list(full[i * n:(i + 1) * n])
-                    if i and first_hashes is not None and self.writers[0].enabled:
-                        # Equal hashes mean equal bits (collisions about 2**-64): the bytes
-                        # are in the first replica's file already.
-                        holder = self.writers[0].replica
-                        stored_in = {c: holder for c in writer.shared_columns if hashes[c] == first_hashes[c]}
+                    # An empty array in place of a tensor: its hash equals the first replica's
+                    # (_shared_out), so equal bits (collisions about 2**-64), in that file already.
+                    holder = self.writers[0].replica
+                    stored_in = {c: holder for c in writer.shared_columns
+                                 if arrays[c].size != self.tensors[c].size}
+                    if any(hashes[c] != first_hashes[c] for c in stored_in):
+                        raise CaptureError(f"replica {writer.replica}: a full tensor was held back as equal to "
+                                           f"replica {holder}'s, but the hashes differ")
                 vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
                 # TensorFlow's buffers, lent to the writer: a variable updated while
                 # the writer still holds its value is copied first by TensorFlow.
-                writer.write_step(int(steps[r]), vecs, arrays, copy=False, stored_in=stored_in)
+                writer.write_step(int(steps[r]), vecs, arrays if stored_in is not None else None, copy=False,
+                                  stored_in=stored_in)
 
     def _drain(self) -> None:
         """Outside any step: hand the rows still on the device to the writers."""

@@ -89,6 +89,48 @@ def test_full_tensors_follow_the_schedule_and_match_fingerprints(tf_cpus, tmp_pa
         assert r.full(0, 2) is None
 
 
+def test_global_kinds_are_written_once_per_worker_and_read_back_for_every_replica(tf_cpus, tmp_path):
+    import h5py
+
+    from tracer.hashing import tensor_hash
+
+    training.train(_traced(tf_cpus, tmp_path, n=4, mode="full"), steps=3)
+    paths = training.files(tmp_path)
+    assert len(paths) == 4
+    for path in paths:
+        with TraceReader(path) as r:
+            assert r.notes == []
+            hashes = r.fingerprints("hash")
+            for step in range(3):
+                for col, spec in enumerate(r.tensors):
+                    value = r.full(col, step)
+                    assert value is not None and value.shape == spec.shape
+                    assert tensor_hash(value) == int(hashes[step, col]), f"{path} {step} {spec.kind} {spec.name}"
+        with h5py.File(path, "r") as f:
+            replica = int(f.attrs["replica"])
+            stored_in = f["full/stored_in"][()]
+            for col, spec in enumerate(r.tensors):
+                stored = f[f"full/{col:05d}"].id.get_storage_size()
+                if replica and spec.kind in GLOBAL_KINDS:
+                    # Equal on every replica, so only replica 0's file holds the bytes.
+                    assert (stored_in[:, col] == 0).all() and stored == 0, spec.name
+                else:
+                    assert (stored_in[:, col] == replica).all() and stored >= 3 * spec.size, spec.name
+
+
+def test_full_capture_of_a_batch_split_unevenly_is_a_clear_error():
+    from strategies.session import check_input_shapes
+    from tracer.errors import CaptureError
+
+    # A global batch of 16 on 3 replicas: shards of 6, 6 and 4 examples. (Checked on the shapes alone: a
+    # strategy whose first step fails to trace leaves TensorFlow's collectives unusable in this process.)
+    x, y = [np.zeros((n, 8), np.float32) for n in (6, 6, 4)], [np.zeros(n, np.int64) for n in (6, 6, 4)]
+    check_input_shapes([[x[0], y[0]], [x[1], y[1]]])
+    with pytest.raises(CaptureError, match=r"input component 0 has shape \(4, 8\) on local replica 2 but "
+                                           r"\(6, 8\) on replica 0.*divisible by the number of replicas"):
+        check_input_shapes([[x[i], y[i]] for i in range(3)])
+
+
 def test_rows_handed_over_in_blocks_are_the_rows_of_every_step(tf_cpus, tmp_path):
     """Fingerprints wait on the device and reach the host every flush_every steps, or with a
     full-tensor step: the trace is the one a hand-over per step writes, step for step."""
