@@ -447,6 +447,15 @@ class TraceReader:
         # bfloat16 comes back as raw bit patterns (uint16).
         return self._read(name, row)
 
+    def holder(self, col: int, step: int) -> Optional[int]:
+        """The replica whose file holds the full tensor of column ``col`` at ``step`` (None if not recorded)."""
+        hits = np.nonzero(self.full_steps() == step)[0]
+        if hits.size == 0:
+            return None
+        if not self._holders:
+            return self.replica
+        return int(self._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
+
     def _full_elsewhere(self, holder: int, col: int, step: int) -> Optional[np.ndarray]:
         """Full tensor ``col`` at ``step`` from replica ``holder``'s file.
 
