@@ -269,8 +269,8 @@ class TraceReader:
                                  f"attribute {schema.ATTR_REPLICA_FILES}")
             paths[r] = os.path.join(directory, name)
             if not os.path.exists(paths[r]):
-                self._note(f"full tensors of the global kinds that replica {r} held bit for bit equal are "
-                           f"kept once, in {name}, which is missing; they are compared by fingerprint only. "
+                self._note(f"its full tensors of the global kinds that were bit for bit equal to replica {r}'s "
+                           f"are kept once, in {name}, which is missing; they are compared by fingerprint only. "
                            f"Keep a worker's replica files together")
         return paths
 
