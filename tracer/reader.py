@@ -424,8 +424,9 @@ class TraceReader:
         hits = np.nonzero(steps == step)[0]
         if hits.size == 0:
             return None
-        if not group and self._holders:
-            holder = int(self._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
+        row = int(hits[0])
+        if not group:
+            holder = self._stored_in(row, col)
             if holder != self.replica:
                 return self._full_elsewhere(holder, col, step)
         name = schema.full_path(col, group)
@@ -435,7 +436,6 @@ class TraceReader:
         spec = self.tensors[col]
         if d.shape[1:] != spec.shape:
             raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
-        row = int(hits[0])
         if row >= d.shape[0]:
             return None
         self._check_stored(name, d, 1)
@@ -450,11 +450,13 @@ class TraceReader:
     def holder(self, col: int, step: int) -> Optional[int]:
         """The replica whose file holds the full tensor of column ``col`` at ``step`` (None if not recorded)."""
         hits = np.nonzero(self.full_steps() == step)[0]
-        if hits.size == 0:
-            return None
+        return self._stored_in(int(hits[0]), col) if hits.size else None
+
+    def _stored_in(self, row: int, col: int) -> int:
+        """The replica whose file holds row ``row`` of ``/full/<col>``."""
         if not self._holders:
             return self.replica
-        return int(self._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
+        return int(self._read(schema.FULL_STORED_IN, (row, col)))
 
     def _full_elsewhere(self, holder: int, col: int, step: int) -> Optional[np.ndarray]:
         """Full tensor ``col`` at ``step`` from replica ``holder``'s file.
@@ -486,8 +488,7 @@ class TraceReader:
         if hits.size == 0 or theirs is None:
             return None  # that file's writer stopped before the step was on disk
         mine = self._hash_at(step, col)
-        if mine != theirs or (other._holders and int(other._read(schema.FULL_STORED_IN, (int(hits[0]), col)))
-                              != holder):
+        if mine != theirs or other._stored_in(int(hits[0]), col) != holder:
             if holder in self._mismatch_noted:
                 return None
             self._mismatch_noted.add(holder)

@@ -277,7 +277,7 @@ class TraceWriter:
         ``fingerprints`` are the STATS vectors over ``initial_columns``;
         ``full`` the matching full tensors.
         """
-        self._put(("initial", int(step), fingerprints, full, False))
+        self._put(("initial", int(step), fingerprints, (full, {}) if full is not None else None, False))
 
     def write_step(self, step: int, fingerprints: Sequence[np.ndarray],
                    full: Optional[Sequence[np.ndarray]] = None, *, copy: bool = True,
@@ -533,6 +533,7 @@ class TraceWriter:
     def _append(self, group: str, step: int, fps, full, cols) -> List[Tuple[int, np.ndarray]]:
         """Write the full tensors of one step now; queue its fingerprint row for the next flush.
 
+        ``full`` is None or (arrays, {column: replica holding it elsewhere}).
         The ``/initial`` snapshot is written at once, row included. Returns the
         raw writes (file offset, bytes) still to do; the caller does them, then
         records the step in the full-tensor index with ``_record_full_step``.
@@ -548,7 +549,7 @@ class TraceWriter:
             row.append(values)
         raw: List[Tuple[int, np.ndarray]] = []
         if full is not None:
-            full, elsewhere = full if not group else (full, {})
+            full, elsewhere = full
             self._check_space(sum(np.asarray(v).nbytes for v in full if v is not None) + 8 + 4 * ncols)
             frow = self._full_steps(group).shape[0]
             if not group:

@@ -1,5 +1,8 @@
 """Capture under a real MirroredStrategy on logical CPU devices."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -118,17 +121,37 @@ def test_global_kinds_are_written_once_per_worker_and_read_back_for_every_replic
                     assert (stored_in[:, col] == replica).all() and stored >= 3 * spec.size, spec.name
 
 
-def test_full_capture_of_a_batch_split_unevenly_is_a_clear_error():
-    from strategies.session import check_input_shapes
-    from tracer.errors import CaptureError
+_UNEVEN = """
+import sys
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 3)
+from strategies import TracedMirroredStrategy
+from tests.integration import training
+from tracer import CaptureConfig
+from tracer.errors import CaptureError
+devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+strategy = TracedMirroredStrategy(devices, trace_dir=sys.argv[1], capture=CaptureConfig(mode="full"))
+try:
+    training.train(strategy, steps=1)  # a global batch of 16: shards of 6, 6 and 4 examples
+except CaptureError as exc:
+    print(exc)
+    sys.exit(3)
+"""
 
-    # A global batch of 16 on 3 replicas: shards of 6, 6 and 4 examples. (Checked on the shapes alone: a
-    # strategy whose first step fails to trace leaves TensorFlow's collectives unusable in this process.)
-    x, y = [np.zeros((n, 8), np.float32) for n in (6, 6, 4)], [np.zeros(n, np.int64) for n in (6, 6, 4)]
-    check_input_shapes([[x[0], y[0]], [x[1], y[1]]])
-    with pytest.raises(CaptureError, match=r"input component 0 has shape \(4, 8\) on local replica 2 but "
-                                           r"\(6, 8\) on replica 0.*divisible by the number of replicas"):
-        check_input_shapes([[x[i], y[i]] for i in range(3)])
+
+def test_full_capture_of_a_batch_split_unevenly_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    # Its own process: a strategy whose first step fails to trace leaves TensorFlow's collectives
+    # unusable in the process that ran it.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _UNEVEN, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r"input component 0 has shape \(4, 8\) on local replica 2 but \(6, 8\) on replica 0.*"
+                     r"divisible by the number of replicas", proc.stdout), proc.stdout
 
 
 def test_rows_handed_over_in_blocks_are_the_rows_of_every_step(tf_cpus, tmp_path):
