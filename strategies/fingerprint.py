@@ -8,9 +8,14 @@ Cost matters: this runs every step over every captured byte. The hash reads the
 tensor as 64-bit words (half as many items as float32 elements). Under XLA one
 vectorized pass over the tensor, cut into slices read side by side, yields the
 hash sum, max |x| (as an integer maximum over the bit patterns) and the sum of
-squares (accumulated in float64). NaN and Inf are counted only when l2 or
-max |x| is not finite, inside the XLA cluster, so no value travels to the host
-to decide it.
+squares. For float32 the squares are summed in float32 over each column of
+the slices (16 elements), then in float64: float64 arithmetic on every element
+runs at half the vector width and cost more than the hash. That keeps l2
+within a relative 2**-20 of the exact value (``L2_RTOL``) unless squares
+overflow or underflow float32, which the pass detects from its own result and
+then sums again in float64. NaN and Inf are counted only when l2 or max |x| is
+not finite, inside the XLA cluster, so no value travels to the host to decide
+it.
 
 The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
 bit for bit, with and without XLA.
@@ -156,12 +161,12 @@ def _index_terms(slices: int, m: int, first: int, fused: bool) -> tf.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _sum_max_sumsq_reducer(key_dtype: tf.DType):
+def _sum_max_sumsq_reducer(key_dtype: tf.DType, square_dtype: tf.DType):
     @tf.function(autograph=False)
     def reducer(h0, m0, q0, h1, m1, q1):
         return h0 + h1, tf.maximum(m0, m1), q0 + q1
 
-    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], key_dtype), tf.TensorSpec([], tf.float64)]
+    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], key_dtype), tf.TensorSpec([], square_dtype)]
     return reducer.get_concrete_function(*(spec + spec))
 
 
@@ -169,8 +174,31 @@ def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused
     """Sum, max and sum over axis 0 of [slices, m] operands, in one pass when ``fused``."""
     if not fused:
         return tf.reduce_sum(hashes, 0), tf.reduce_max(keys, 0), tf.reduce_sum(squares, 0)
-    return _VARIADIC_REDUCE([hashes, keys, squares], [_u64(0), tf.zeros([], keys.dtype), tf.zeros([], tf.float64)],
-                            dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer(keys.dtype))
+    return _VARIADIC_REDUCE([hashes, keys, squares],
+                            [_u64(0), tf.zeros([], keys.dtype), tf.zeros([], squares.dtype)],
+                            dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer(keys.dtype, squares.dtype))
+
+
+# float32 squares are summed in float32 over at most this many elements before float64 takes over.
+_NARROW_TERMS = 2 * SLICES
+# Bounds within which those float32 sums lose nothing to overflow or underflow (see ``_narrow_ok``).
+_NARROW_MAX_ABS = 2.0 ** 62
+_NARROW_MIN_SUMSQ_PER_ELEMENT = 2.0 ** -106
+
+
+def _narrow_ok(sumsq: tf.Tensor, max_abs: tf.Tensor, n: int) -> tf.Tensor:
+    """Whether a sum of squares taken in float32 columns is within ``L2_RTOL`` of the exact one.
+
+    No float32 square or column sum overflows while max |x| <= 2**62 (16 squares
+    of 2**62 are 2**128 / 2**4 < float32 max). A square below 2**-126 is lost
+    (flushed or denormal), at most n * 2**-126 in all, which is below 2**-20 of
+    the sum once the sum is at least n * 2**-106. All zeros is exact. Non-finite
+    values make l2 non-finite either way and are counted separately.
+    """
+    finite = tf.math.is_finite(max_abs)
+    fits = tf.logical_or(tf.equal(max_abs, 0.0), tf.logical_and(
+        max_abs <= _NARROW_MAX_ABS, sumsq >= n * _NARROW_MIN_SUMSQ_PER_ELEMENT))
+    return tf.logical_or(tf.logical_not(finite), fits)
 
 
 def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -183,6 +211,7 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     partial results that a short second reduction finishes.
     """
     key_dtype = _abs_key_dtype(x.dtype)
+    narrow = x.dtype == tf.float32
     total = _u64(0)
     max_key = tf.zeros([], key_dtype)
     sumsq = tf.zeros([], tf.float64)
@@ -190,12 +219,14 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         slices, m = int(pieces.shape[0]), int(pieces.shape[1])
         mixed = _mix64(_words(pieces) + _index_terms(slices, m, first, fused))
         keys = _abs_key(pieces)
-        wide = tf.cast(pieces, tf.float64)
-        part_key, part_sq = keys[..., 0], wide[..., 0] * wide[..., 0]
+        # float32: at most _NARROW_TERMS squares per column in float32 (see the module doc).
+        values = pieces if narrow else tf.cast(pieces, tf.float64)
+        part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
         for k in range(1, int(pieces.shape[2])):
             part_key = tf.maximum(part_key, keys[..., k])
-            part_sq = part_sq + wide[..., k] * wide[..., k]
+            part_sq = part_sq + values[..., k] * values[..., k]
         col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
+        col_sq = tf.cast(col_sq, tf.float64)
         # The m partial results shrink the same way, SLICES-fold per vectorized pass.
         while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
             m //= SLICES
@@ -204,9 +235,14 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         total += tf.reduce_sum(col_hash)
         max_key = tf.maximum(max_key, tf.reduce_max(col_key))
         sumsq += tf.reduce_sum(col_sq)
-    nbytes = int(np.prod(x.shape, dtype=np.int64)) * x.dtype.size
-    total += _mix64(_u64(nbytes))
-    return tf.bitcast(total, tf.int64), _abs_value(max_key, x.dtype), sumsq
+    n = int(np.prod(x.shape, dtype=np.int64))
+    total += _mix64(_u64(n * x.dtype.size))
+    max_abs = _abs_value(max_key, x.dtype)
+    if narrow and n:
+        flat = tf.reshape(x, [-1])
+        sumsq = tf.cond(_narrow_ok(sumsq, max_abs, n), lambda: sumsq,
+                        lambda: tf.reduce_sum(tf.square(tf.cast(flat, tf.float64))))
+    return tf.bitcast(total, tf.int64), max_abs, sumsq
 
 
 def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):

@@ -4,7 +4,7 @@ import ml_dtypes  # TensorFlow's own dependency, for bfloat16 in NumPy
 import numpy as np
 import pytest
 
-from tracer.hashing import fingerprint
+from tracer.hashing import L2_RTOL, fingerprint
 
 pytestmark = pytest.mark.tf
 
@@ -32,6 +32,13 @@ CASES = {
     "bf16 sliced": _RNG.standard_normal((8 * 256 * 4 + 1,)).astype(ml_dtypes.bfloat16),
     "i32 sliced": _RNG.integers(-2**31, 2**31 - 1, 4099, dtype=np.int32),
     "u8 sliced": _RNG.integers(0, 255, 8 * 256 * 8 + 5, dtype=np.uint8),
+    # float32 squares summed in float32 would overflow or underflow here: the pass must notice and use float64.
+    "f32 sliced, squares overflow float32": (_RNG.standard_normal(5000) * 1e25).astype(np.float32),
+    "f32 sliced, max|x| just above 2**62": np.concatenate([np.full(4999, 2.0 ** 62), [2.0 ** 63]]).astype(np.float32),
+    "f32 sliced, squares underflow float32": (_RNG.standard_normal(5000) * 1e-25).astype(np.float32),
+    "f32 sliced, mass in squares below float32's range": np.concatenate(
+        [np.full(20000, 1e-20), [1e-18]]).astype(np.float32),
+    "f32 scalar, square overflows float32": np.float32(3e38),
 }
 
 
@@ -52,7 +59,7 @@ def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla):
     for i, name in enumerate(names):
         ref_hash, ref_l2, ref_max, ref_nan, ref_inf = fingerprint(CASES[name])
         assert int(hashes[i:i + 1].view(np.uint64)[0]) == ref_hash, name
-        np.testing.assert_allclose(l2[i], ref_l2, rtol=1e-5, equal_nan=True, err_msg=name)
+        np.testing.assert_allclose(l2[i], ref_l2, rtol=L2_RTOL, equal_nan=True, err_msg=name)
         np.testing.assert_equal(max_abs[i], ref_max, err_msg=name)
         assert (nan[i], inf[i]) == (ref_nan, ref_inf), name
 
