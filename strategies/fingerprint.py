@@ -183,17 +183,18 @@ def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused
 _NARROW_TERMS = 2 * SLICES
 # Bounds within which those float32 sums lose nothing to overflow or underflow (see ``_narrow_ok``).
 _NARROW_MAX_ABS = 2.0 ** 62
-_NARROW_MIN_SUMSQ_PER_ELEMENT = 2.0 ** -106
+_NARROW_MIN_SUMSQ_PER_ELEMENT = 2.0 ** -100
 
 
 def _narrow_ok(sumsq: tf.Tensor, max_abs: tf.Tensor, n: int) -> tf.Tensor:
     """Whether a sum of squares taken in float32 columns is within ``L2_RTOL`` of the exact one.
 
     No float32 square or column sum overflows while max |x| <= 2**62 (16 squares
-    of 2**62 are 2**128 / 2**4 < float32 max). A square below 2**-126 is lost
-    (flushed or denormal), at most n * 2**-126 in all, which is below 2**-20 of
-    the sum once the sum is at least n * 2**-106. All zeros is exact. Non-finite
-    values make l2 non-finite either way and are counted separately.
+    of 2**62 are 2**128 / 2**4 < float32 max). Squares and sums below 2**-126
+    are flushed or denormal: at most n * 2**-125 is lost in all, below 2**-25 of
+    the sum once the sum is at least n * 2**-100. With the 16 roundings of
+    2**-24 that keeps l2 within 2**-20. All zeros is exact. Non-finite values
+    make l2 non-finite either way and are counted separately.
     """
     finite = tf.math.is_finite(max_abs)
     fits = tf.logical_or(tf.equal(max_abs, 0.0), tf.logical_and(
