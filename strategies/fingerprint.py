@@ -171,7 +171,7 @@ def _sum_max_sumsq_reducer(key_dtype: tf.DType, square_dtype: tf.DType):
 
 
 def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused: bool):
-    """Sum, max and sum over axis 0 of [slices, m] operands, in one pass when ``fused``."""
+    """Sum, max and sum over axis 0 of [slices, m] (or [m]) operands, in one pass when ``fused``."""
     if not fused:
         return tf.reduce_sum(hashes, 0), tf.reduce_max(keys, 0), tf.reduce_sum(squares, 0)
     return _VARIADIC_REDUCE([hashes, keys, squares],
@@ -179,8 +179,6 @@ def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused
                             dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer(keys.dtype, squares.dtype))
 
 
-# float32 squares are summed in float32 over at most this many elements before float64 takes over.
-_NARROW_TERMS = 2 * SLICES
 # Bounds within which those float32 sums lose nothing to overflow or underflow (see ``_narrow_ok``).
 _NARROW_MAX_ABS = 2.0 ** 62
 _NARROW_MIN_SUMSQ_PER_ELEMENT = 2.0 ** -100
@@ -220,7 +218,7 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         slices, m = int(pieces.shape[0]), int(pieces.shape[1])
         mixed = _mix64(_words(pieces) + _index_terms(slices, m, first, fused))
         keys = _abs_key(pieces)
-        # float32: at most _NARROW_TERMS squares per column in float32 (see the module doc).
+        # float32: the 2 * SLICES squares of a column are summed in float32 (see the module doc).
         values = pieces if narrow else tf.cast(pieces, tf.float64)
         part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
         for k in range(1, int(pieces.shape[2])):
@@ -233,9 +231,11 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
             m //= SLICES
             cols = (tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq))
             col_hash, col_key, col_sq = _reduce_slices(*cols, fused)
-        total += tf.reduce_sum(col_hash)
-        max_key = tf.maximum(max_key, tf.reduce_max(col_key))
-        sumsq += tf.reduce_sum(col_sq)
+        # The last few partial results: one reduction for all three.
+        part_hash, part_key, part_sq = _reduce_slices(col_hash, col_key, col_sq, fused)
+        total += part_hash
+        max_key = tf.maximum(max_key, part_key)
+        sumsq += part_sq
     n = int(np.prod(x.shape, dtype=np.int64))
     total += _mix64(_u64(n * x.dtype.size))
     max_abs = _abs_value(max_key, x.dtype)
