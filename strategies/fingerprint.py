@@ -224,7 +224,10 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         for k in range(1, int(pieces.shape[2])):
             part_key = tf.maximum(part_key, keys[..., k])
             part_sq = part_sq + values[..., k] * values[..., k]
-        col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
+        if slices == 1:  # nothing to reduce across: one kernel less per small tensor
+            col_hash, col_key, col_sq = mixed[0], part_key[0], part_sq[0]
+        else:
+            col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
         col_sq = tf.cast(col_sq, tf.float64)
         # The m partial results shrink the same way, SLICES-fold per vectorized pass.
         while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
