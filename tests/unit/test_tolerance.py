@@ -9,7 +9,7 @@ import pytest
 from tests.unit.tracegen import Plant, _base, model_tensors, write_run
 from tracer.bisect import main
 from tracer.metrics import compare_full, compare_stats
-from tracer.hashing import tensor_stats
+from tracer.hashing import L2_RTOL, tensor_stats
 from tracer.tolerance import Tolerance
 
 # A round-off sized change at step 3 that vanishes, then a real one at step 8 that persists.
@@ -206,6 +206,25 @@ def test_stats_bounds_never_exceed_the_truth():
         assert bound.max_abs <= exact.max_abs * (1 + 1e-9) + 1e-12
         assert bound.max_rel <= exact.max_rel * (1 + 1e-9) + 1e-12
         assert bound.max_ulp <= exact.max_ulp
+
+
+def test_stats_bounds_stay_below_the_truth_when_each_norm_carries_its_recorded_rounding():
+    # The device's l2 may be off by a relative L2_RTOL (float32 partial sums); two tensors one ulp apart in one
+    # element must not get a bound above that ulp from norms rounded in opposite directions.
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        a = rng.standard_normal(4096).astype(np.float32)
+        b = a.copy()
+        k = int(rng.integers(a.size))
+        b[k] = np.nextafter(b[k], np.float32(np.inf))
+        exact = compare_full(a, b, "float32")
+        sa, sb = (dict(zip(("l2", "max_abs", "nan", "inf"), tensor_stats(x))) for x in (a, b))
+        for sign in (1, -1):
+            ra, rb = dict(sa), dict(sb)
+            ra["l2"] *= 1 + sign * L2_RTOL
+            rb["l2"] *= 1 - sign * L2_RTOL
+            bound = compare_stats(ra, rb, a.size, "float32")
+            assert bound.max_abs <= exact.max_abs * (1 + 1e-9) + 1e-12
 
 
 def test_tolerance_rejects_bad_values():
