@@ -242,10 +242,9 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     n = int(np.prod(x.shape, dtype=np.int64))
     total += _mix64(_u64(n * x.dtype.size))
     max_abs = _abs_value(max_key, x.dtype)
-    if narrow and n:
-        flat = tf.reshape(x, [-1])
+    if narrow and n:  # x is flat (see fingerprint_all)
         sumsq = tf.cond(_narrow_ok(sumsq, max_abs, n), lambda: sumsq,
-                        lambda: tf.reduce_sum(tf.square(tf.cast(flat, tf.float64))))
+                        lambda: tf.reduce_sum(tf.square(tf.cast(x, tf.float64))))
     return tf.bitcast(total, tf.int64), max_abs, sumsq
 
 
