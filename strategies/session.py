@@ -80,18 +80,35 @@ def _input_names(structure: Any) -> List[str]:
     return [f"batch[{p}]" if p else "batch" for p, _ in paths]
 
 
-def check_input_shapes(per_replica_inputs: Sequence[Sequence[Any]]) -> None:
-    """Full tensors need one shape per column: refuse batches split unevenly across replicas."""
-    for k, first in enumerate(per_replica_inputs[0]):
-        want = tuple(first.shape)
+def check_input_shapes(per_replica_inputs: Sequence[Sequence[Any]], columns: Sequence[schema.TensorSpec]) -> None:
+    """Full tensors of the inputs must fit their columns: only the first (batch) axis may be shorter.
+
+    A column's shape is the widest local replica's at the first step. A later,
+    smaller batch (an epoch's last, partial batch, or a batch split unevenly
+    across replicas) fills the first rows of its full-tensor row
+    (``/full/rows``); a larger one or another shape cannot be stored.
+    """
+    for k, spec in enumerate(columns):
         for i, inputs in enumerate(per_replica_inputs):
-            shape = tuple(inputs[k].shape)
-            if shape != want:
+            shape = inputs[k].shape
+            fits = (shape.is_fully_defined() and shape.rank == len(spec.shape)
+                    and tuple(shape[1:]) == spec.shape[1:] and (not spec.shape or shape[0] <= spec.shape[0]))
+            if not fits:
                 raise CaptureError(
-                    f"input component {k} has shape {shape} on local replica {i} but {want} on replica 0 "
-                    f"(the batch does not split evenly across {len(per_replica_inputs)} replicas); full "
-                    f"tensors need one shape per column. Make the global batch divisible by the number of "
-                    f"replicas, or leave 'input' out of CaptureConfig(kinds=...) for full capture")
+                    f"input {spec.name!r} has shape {tuple(shape)} on local replica {i}, which does not fit its "
+                    f"column's {spec.shape} (the widest replica's at the first traced step): full tensors may only "
+                    f"be shorter along the first axis, as an epoch's last batch is. Keep later batches no larger "
+                    f"than the first, or leave 'input' out of CaptureConfig(kinds=...) for full capture")
+
+
+def _widest(per_replica_inputs: Sequence[Sequence[Any]]) -> List[Any]:
+    """Per input component, the local replicas' tensor with the longest first axis (uneven splits)."""
+    def length(t):
+        shape = getattr(t, "shape", None)
+        return shape[0] if shape is not None and shape.rank and shape[0] is not None else -1
+
+    return [max((inputs[k] for inputs in per_replica_inputs), key=length)
+            for k in range(len(per_replica_inputs[0]))]
 
 
 class TraceSession:
@@ -279,15 +296,17 @@ class TraceSession:
             per_replica_inputs.append(tf.nest.flatten(structure))
             loss = distribute_utils.select_replica(i, result) if result is not None else None
             per_replica_loss.append(self._pick_loss(loss))
-        if self.config.mode == "full" and "input" in self.config.kinds:
-            check_input_shapes(per_replica_inputs)
         if self.tensors is None:
             names = _input_names(_input_structure(args, kwargs))
             with tf.init_scope():
-                self._start(per_replica_inputs[0], names, per_replica_loss[0], capture)
+                self._start(_widest(per_replica_inputs), names, per_replica_loss[0], capture)
         elif len(per_replica_inputs[0]) != len(self._input_index) and "input" in self.config.kinds:
             raise CaptureError("the step was traced again with a different input structure; "
                                "the trace's tensor table is fixed by the first step")
+        if self.config.mode == "full" and "input" in self.config.kinds:
+            columns = [t for t in self.tensors if t.kind == "input"]
+            check_input_shapes([[inputs[self._input_index[t.name]] for t in columns]
+                                for inputs in per_replica_inputs], columns)
         flat_fps, flat_full = [], []
         for i in range(n_local):
             tensors = self._tensors_for_replica(i, per_replica_inputs[i], per_replica_loss[i], lr, capture)

@@ -67,13 +67,38 @@ class Diff:
     """Max of ``|a_i - b_i| - rtol * max(|a_i|, |b_i|)`` for the ``rtol`` it was computed with."""
     scaled_abs: float = 0.0
     """``max_abs / max |x|`` over both tensors (finite elements); lower bound when ``source == "stats"``."""
+    shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
+    """The two shapes, when they differ (batches of different sizes); None when they are equal."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["first_index"] = list(self.first_index) if self.first_index is not None else None
+        d["shapes"] = [list(x) for x in self.shapes] if self.shapes is not None else None
         for key in ("max_abs", "max_rel", "max_ulp", "excess", "scaled_abs"):
             d[key] = _json_float(d[key])
         return d
+
+
+def _compare_shapes(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float) -> Diff:
+    """Two tensors of different shapes, such as batches of different sizes.
+
+    An element present on one side only has nothing to be compared with: it
+    counts in ``n_diff`` and makes every value metric infinite. When only the
+    first axis differs, the rows both have are compared exactly and give the
+    first differing index.
+    """
+    shapes = (tuple(a.shape), tuple(b.shape))
+    size = max(a.size, b.size)
+    inf = math.inf
+    if a.ndim and a.ndim == b.ndim and a.shape[1:] == b.shape[1:]:
+        n = min(a.shape[0], b.shape[0])
+        common = compare_full(a[:n], b[:n], dtype, rtol)
+        first = common.first_index if common.first_index is not None else (n,) + (0,) * (a.ndim - 1)
+        return Diff(n_diff=common.n_diff + abs(a.size - b.size), size=size, max_abs=inf, max_rel=inf,
+                    max_ulp=inf, first_index=first, nonfinite=common.nonfinite, excess=inf, scaled_abs=inf,
+                    shapes=shapes)
+    return Diff(n_diff=size, size=size, max_abs=inf, max_rel=inf, max_ulp=inf, excess=inf, scaled_abs=inf,
+                shapes=shapes)
 
 
 def _json_float(x: float):
@@ -121,7 +146,7 @@ def compare_full(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float = 0.0) ->
     value metrics over the differing elements only.
     """
     if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+        return _compare_shapes(a, b, dtype, rtol)
     shape = a.shape
     ab, bb = _bits_view(a), _bits_view(b)
     size = ab.size

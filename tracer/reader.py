@@ -236,6 +236,7 @@ class TraceReader:
         self._mismatch_noted: set = set()
         self.notes: List[str] = []
         self._holders = self._check_stored_in()
+        self._lengths = self._check_lengths()
 
     def _check_stored_in(self) -> Dict[int, str]:
         """Replicas whose files hold some of this file's full tensors (schema 3), by replica: their paths."""
@@ -273,6 +274,28 @@ class TraceReader:
                            f"are kept once, in {name}, which is missing; they are compared by fingerprint only. "
                            f"Keep a worker's replica files together")
         return paths
+
+    def _check_lengths(self) -> Optional[np.ndarray]:
+        """``/full/rows`` (schema 4): each full row's length along the first axis, or None if all are whole."""
+        if not self._has(schema.FULL_ROWS):
+            if self.attrs.get(schema.ATTR_SCHEMA, 0) >= 4:
+                raise self._fail(f"missing dataset /{schema.FULL_ROWS}")
+            return None
+        rows = self._full_rows[""]
+        d = self._dataset(schema.FULL_ROWS, ndim=2, kinds="iu")
+        if d.shape[1] != len(self.tensors) or d.shape[0] < rows:
+            raise self._fail(f"/{schema.FULL_ROWS} has shape {d.shape}, expected ({rows} or more, "
+                             f"{len(self.tensors)})")
+        self._check_stored(schema.FULL_ROWS, d, rows)
+        lengths = np.asarray(self._read(schema.FULL_ROWS, slice(0, rows)), dtype=np.int64).reshape(
+            rows, len(self.tensors))
+        whole = np.array([t.shape[0] if t.shape else 0 for t in self.tensors], dtype=np.int64)
+        bad = np.argwhere((lengths < 0) | (lengths > whole[None, :]) | ((whole == 0)[None, :] & (lengths != 0)))
+        if bad.size:
+            row, col = (int(v) for v in bad[0])
+            raise self._fail(f"/{schema.FULL_ROWS} gives length {int(lengths[row, col])} for column {col} "
+                             f"(shape {self.tensors[col].shape}) in row {row}")
+        return None if np.array_equal(lengths, np.broadcast_to(whole, lengths.shape)) else lengths
 
     def _flushed_rows(self) -> Tuple[Optional[int], Optional[int], Optional[int]]:
         """Row limits of a file whose writer did not close it: what its last flush made durable."""
@@ -444,6 +467,9 @@ class TraceReader:
             # The writer allocates every row it writes; an unallocated one would read as zeros.
             raise self._fail(f"/{name} holds no data for step {step} (row {row}), which the file says it stores; "
                              f"the file is corrupt. Capture the run again")
+        if not group and self._lengths is not None and self._lengths[row, col] < (spec.shape or (0,))[0]:
+            # A batch shorter than its column (an epoch's last batch): only its first rows are data.
+            return self._read(name, (row, slice(0, int(self._lengths[row, col]))))
         # bfloat16 comes back as raw bit patterns (uint16).
         return self._read(name, row)
 

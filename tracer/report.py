@@ -78,6 +78,9 @@ def where(f: Dict[str, Any]) -> str:
 
 def magnitude(f: Dict[str, Any]) -> str:
     parts = []
+    if f.get("shapes"):
+        parts.append(f"shapes differ (run A {tuple(f['shapes'][0])}, run B {tuple(f['shapes'][1])}): elements "
+                     f"on one side only count as differing without bound")
     if f.get("n_diff") is not None:
         parts.append(f"n_diff={f['n_diff']}/{f['size']}")
     parts += [f"max_abs={num(f['max_abs'])}", f"max_rel={num(f['max_rel'])}", f"max_ulp={num(f['max_ulp'])}"]

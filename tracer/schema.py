@@ -15,6 +15,7 @@ Layout of ``<trace_dir>/replica-<global replica index>.h5`` (and of its segments
     /fingerprints/<stat>    (S, T)          one column per tensor, see STATS
     /full/steps             int64 (N,)      steps that have full tensors
     /full/stored_in         int32 (N, T)    replica whose file holds row n of /full/<col> (schema 3)
+    /full/rows              int64 (N, T)    leading-axis length stored in row n of /full/<col> (schema 4)
     /full/<col>             (N, *shape)     full tensor of column <col>
     /initial/...            same layout for the state before the first update
 
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from tracer.errors import TraceFormatError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped on any incompatible change of the layout below.
 
 Version 2 added segments: a resumed job continues a replica's trace in
@@ -45,8 +46,13 @@ segments, so it must refuse the files instead.
 Version 3 added ``/full/stored_in``: a full tensor of a global kind that is
 bitwise equal (equal hash) to the same tensor of another local replica of the
 worker at the same step is kept once, in that replica's file. An older reader
-would read the row it does not hold as zeros, so it must refuse the files."""
-READABLE_VERSIONS = (1, 2, 3)
+would read the row it does not hold as zeros, so it must refuse the files.
+
+Version 4 added ``/full/rows``: an input batch smaller than its column's shape
+(the last, partial batch of an epoch, or a batch split unevenly across
+replicas) fills only the first rows of its full-tensor row. An older reader
+would return the unwritten rest as data, so it must refuse the files."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 """Schema versions this reader accepts (a version-1 file is a run of one segment; versions 1 and 2
 hold every full tensor in the file itself)."""
 
@@ -97,6 +103,12 @@ FULL_STORED_IN = "full/stored_in"
 own replica, except for a tensor of a GLOBAL_KIND found bitwise equal (by hash) to that of the
 worker's first local replica at the same step: its bytes are written once, in that replica's file,
 and this file's row is left unallocated."""
+FULL_ROWS = "full/rows"
+"""int64 (N, T), schema 4: the length along the first axis of the tensor stored in row n of
+``/full/<col>``. The column's ``shape[0]``, except for an input batch that was smaller at that step
+on this replica (an epoch's last, partial batch, or a batch split unevenly across replicas): the
+row then holds that many entries and the rest of it is not data. 0 for a scalar column. Files of
+schema 1-3 have no such dataset: every row is whole."""
 INITIAL = "initial"
 
 STATS: Tuple[Tuple[str, str], ...] = (

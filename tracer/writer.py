@@ -216,6 +216,8 @@ class TraceWriter:
             ncols = len(self.tensors)
             f.create_dataset(schema.FULL_STORED_IN, shape=(0, ncols), maxshape=(None, ncols if ncols else None),
                              dtype=np.int32, chunks=(64, max(ncols, 1)))
+            f.create_dataset(schema.FULL_ROWS, shape=(0, ncols), maxshape=(None, ncols if ncols else None),
+                             dtype=np.int64, chunks=(64, max(ncols, 1)))
             f.swmr_mode = True
         except BaseException:
             f.close()
@@ -552,14 +554,20 @@ class TraceWriter:
             full, elsewhere = full
             self._check_space(sum(np.asarray(v).nbytes for v in full if v is not None) + 8 + 4 * ncols)
             frow = self._full_steps(group).shape[0]
+            lengths = [self._rows_of(col, value) for col, value in zip(cols, full)]
             if not group:
-                # Before the step enters /full/steps: a reader trusts this row from then on.
+                # Before the step enters /full/steps: a reader trusts these rows from then on.
                 where = np.full(ncols, self.replica, dtype=np.int32)
                 for col, holder in elsewhere.items():
                     where[col] = holder
                 d = self._dataset(schema.FULL_STORED_IN)
                 d.resize((frow + 1, ncols))
                 d[frow] = where
+                d = self._dataset(schema.FULL_ROWS)
+                d.resize((frow + 1, ncols))
+                d[frow] = np.asarray(lengths, dtype=np.int64)
+            elif any(n != (self.tensors[col].shape or (0,))[0] for col, n in zip(cols, lengths)):
+                raise TraceWriteError("the initial snapshot's tensors must have their columns' shapes")
             for col, value in zip(cols, full):
                 path = schema.full_path(col, group)
                 d = self._dataset(path, chunk_cache=False)
@@ -567,7 +575,9 @@ class TraceWriter:
                 if col in elsewhere:
                     continue  # unallocated here: another replica's file holds these bytes
                 data = _raw_bytes(d, value) if path in self._raw_paths else None
-                if data is None:
+                if data is None and np.ndim(value) and np.shape(value)[0] < d.shape[1]:
+                    d[frow, :np.shape(value)[0]] = value  # a short batch: the first rows (see FULL_ROWS)
+                elif data is None:
                     d[frow] = value
                 else:
                     # The extension allocated the row's chunk: _write_raw puts its bytes
@@ -582,6 +592,24 @@ class TraceWriter:
         else:
             self._pending.append((step, row))
         return raw
+
+    def _rows_of(self, col: int, value) -> int:
+        """Length along the first axis of ``value`` for column ``col`` (``/full/rows``).
+
+        A tensor may be shorter than its column along the first axis only (an
+        input batch smaller than the first step's); anything else is refused.
+        """
+        spec = self.tensors[col]
+        if not spec.shape:
+            return 0
+        if value is None:
+            return spec.shape[0]
+        shape = np.shape(value)
+        if len(shape) != len(spec.shape) or shape[1:] != spec.shape[1:] or shape[0] > spec.shape[0]:
+            raise TraceWriteError(
+                f"full tensor {spec.label} has shape {shape}, which does not fit its column's {spec.shape} "
+                f"(only the first axis may be shorter, as in a final partial batch)")
+        return int(shape[0])
 
     def _full_steps(self, group: str) -> h5py.Dataset:
         return self._dataset(schema.full_path(0, group).rsplit("/", 1)[0] + "/steps")
@@ -670,7 +698,9 @@ def _raw_bytes(d: h5py.Dataset, value) -> Optional[np.ndarray]:
     value = np.asarray(value)
     if value.dtype.name == "bfloat16":
         value = value.view(np.uint16)  # stored as its bit pattern
-    if value.dtype != d.dtype or value.shape != d.shape[1:]:
+    # A batch shorter along the first axis fills the first rows of the chunk (C order).
+    if value.dtype != d.dtype or value.ndim != d.ndim - 1 or value.shape[1:] != d.shape[2:] or (
+            value.ndim and value.shape[0] > d.shape[1]):
         return None
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
 

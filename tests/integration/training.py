@@ -16,8 +16,13 @@ def dataset(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0):
 
 def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = "adam", lr=1e-2,
           seed: int = 1, accumulate: int = 1, xla: bool = False, watch: bool = True,
-          on_replica_grads: Optional[Callable] = None, data=None) -> Dict[str, np.ndarray]:
-    """Runs `steps` optimizer steps under `strategy`; returns the final weights by path."""
+          on_replica_grads: Optional[Callable] = None, data=None, epochs: int = 0) -> Dict[str, np.ndarray]:
+    """Runs `steps` optimizer steps under `strategy`; returns the final weights by path.
+
+    With `epochs`, runs that many passes over the data instead, batched as
+    TensorFlow's tutorial does (no drop_remainder): a last, partial batch ends
+    each epoch unless `global_batch` divides the data.
+    """
     import keras
     import tensorflow as tf
 
@@ -67,10 +72,16 @@ def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = 
         per_replica = strategy.run(train_step, args=(inputs,))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
-    it = iter(strategy.experimental_distribute_dataset(ds))
-    for _ in range(steps):
-        distributed_step(next(it))
+    if epochs:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
+        for _ in range(epochs):
+            for batch in strategy.experimental_distribute_dataset(ds):
+                distributed_step(batch)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
+        it = iter(strategy.experimental_distribute_dataset(ds))
+        for _ in range(steps):
+            distributed_step(next(it))
     if hasattr(strategy, "close"):
         strategy.close()
     return {v.path: v.numpy() for v in model.variables}

@@ -159,7 +159,7 @@ def m_delete(run, path, rng, ctx):
 
 def m_delete_full_column(run, path, rng, ctx):
     with h5py.File(path, "r") as f:
-        cols = sorted(k for k in f[schema.FULL] if k not in ("steps", "stored_in"))
+        cols = sorted(k for k in f[schema.FULL] if k not in ("steps", "stored_in", "rows"))
     name = f"{schema.FULL}/{rng.choice(cols)}"
     _edit(path, lambda f: f.__delitem__(name))
     return f"deleted /{name}", "any"
@@ -177,6 +177,20 @@ def m_stored_in(run, path, rng, ctx):
         d[n, c] = new
         return f"/{schema.FULL_STORED_IN}[{n}, {c}]: {old} -> {new}"
     return _edit(path, point), "any"
+
+
+def m_rows(run, path, rng, ctx):
+    """Give one full tensor another length along its first axis: negative, too long, or shorter."""
+    def change(f):
+        d = f[schema.FULL_ROWS]
+        if not d.shape[0]:
+            return "no full steps"
+        n, c = int(rng.integers(d.shape[0])), int(rng.integers(d.shape[1]))
+        old = int(d[n, c])
+        new = int(rng.choice([v for v in (-1, 0, 1, old - 1, old + 1, 2**40) if v != old]))
+        d[n, c] = new
+        return f"/{schema.FULL_ROWS}[{n}, {c}]: {old} -> {new}"
+    return _edit(path, change), "any"
 
 
 def m_group_for_dataset(run, path, rng, ctx):
@@ -460,6 +474,7 @@ MUTATIONS: Dict[str, Callable] = {
     "external_link": m_external_link, "directory": m_directory, "fifo": m_fifo,
     "symlink_dev": m_symlink_dev, "missing_replica": m_missing_replica,
     "initial_columns": m_initial_columns, "control_names": m_control_names, "stored_in": m_stored_in,
+    "rows": m_rows,
 }
 # Bit flips are where HDF5 itself is exercised hardest; give them more cases.
 WEIGHTS = {name: 1.0 for name in MUTATIONS}
