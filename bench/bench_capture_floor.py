@@ -1,0 +1,103 @@
+"""How much of the fingerprint overhead any pass over the captured bytes costs.
+
+    python bench/bench_capture_floor.py [--blocks 40]
+
+Runs three MLP setups of the capture benchmark side by side in one process,
+alternating blocks of 10 steps: untraced, traced with fingerprints of every
+kind, and traced with the fingerprint pass replaced by the cheapest pass that
+reads every captured byte once (float32 sums over the same tensors, no hash, no
+statistics; its "fingerprints" are meaningless and the trace is thrown away).
+The third ratio is the floor a fingerprint on this machine cannot go under;
+the gap between the second and the third is what the hash and the statistics
+cost on top of reading the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def _read_only_pass():
+    """A stand-in for ``fingerprint_all`` that only reads each tensor once (float32 column sums)."""
+    import tensorflow as tf
+
+    def one(x):
+        n = int(x.shape[0])
+        if n >= 4096 and n % 8 == 0:
+            s = tf.reduce_sum(tf.reshape(tf.cast(x, tf.float32), [8, -1]), 0)
+            while int(s.shape[0]) >= 2048 and int(s.shape[0]) % 8 == 0:
+                s = tf.reduce_sum(tf.reshape(s, [8, -1]), 0)
+            s = tf.reduce_sum(s)
+        else:
+            s = tf.reduce_sum(tf.cast(x, tf.float32))
+        return tf.cast(s, tf.float64)
+
+    def part(tensors):
+        v = tf.stack([one(x) for x in tensors])
+        i = tf.cast(v, tf.int64)
+        return [i, v, v, i, i]
+
+    compiled = tf.function(part, jit_compile=True, autograph=False)
+
+    def fingerprint_all(tensors, use_xla=True):
+        return compiled([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors])
+
+    return fingerprint_all
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=40, help="blocks of 10 steps per setup")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import bench_capture as bc
+    import strategies.session as session
+
+    devices, x, y = bc._setup("mlp")
+    root = tempfile.mkdtemp(prefix="tracer-floor-")
+    runs = {"untraced": bc._build("mlp", None, devices, os.path.join(root, "u"), x, y, bc.GLOBAL_BATCH)}
+    real = session.fingerprint_all
+    for name, fp in (("fingerprints", real), ("read-only pass", _read_only_pass())):
+        session.fingerprint_all = fp  # looked up when the step is traced, on its first call below
+        runs[name] = bc._build("mlp", "fingerprint", devices, os.path.join(root, name[:4]), x, y, bc.GLOBAL_BATCH)
+        step, it, strategy, _ = runs[name]
+        for _ in range(10):
+            step(next(it)).numpy()
+        strategy.flush()
+    session.fingerprint_all = real
+    step, it, _, _ = runs["untraced"]
+    for _ in range(10):
+        step(next(it)).numpy()
+    names = list(runs)
+    times = {k: [] for k in names}
+    for b in range(args.blocks):
+        for k in names[b % 3:] + names[:b % 3]:
+            step, it, strategy, _ = runs[k]
+            t0 = time.perf_counter()
+            for _ in range(10):
+                step(next(it)).numpy()
+            if strategy is not None:
+                strategy.flush()
+            times[k].append((time.perf_counter() - t0) / 10)
+    base = times["untraced"]
+    print(f"{'setup':16s} {'ms/step':>8s} {'ratio':>7s}   (median over {args.blocks} blocks of 10 steps; ratio is "
+          f"the median of per-block ratios to the untraced block beside it)")
+    for k in names:
+        ratio = statistics.median(a / b for a, b in zip(times[k], base))
+        print(f"{k:16s} {statistics.median(times[k]) * 1e3:8.2f} {ratio:6.2f}x")
+    for k in names[1:]:
+        runs[k][2].close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
