@@ -240,17 +240,10 @@ class TraceReader:
 
     def _check_stored_in(self) -> Dict[int, str]:
         """Replicas whose files hold some of this file's full tensors (schema 3), by replica: their paths."""
-        if not self._has(schema.FULL_STORED_IN):
-            if self.attrs.get(schema.ATTR_SCHEMA, 0) >= 3:
-                raise self._fail(f"missing dataset /{schema.FULL_STORED_IN}")
+        stored_in = self._full_index(schema.FULL_STORED_IN, 3)
+        if stored_in is None:
             return {}
-        rows = self._full_rows[""]
-        d = self._dataset(schema.FULL_STORED_IN, ndim=2, kinds="iu")
-        if d.shape[1] != len(self.tensors) or d.shape[0] < rows:
-            raise self._fail(f"/{schema.FULL_STORED_IN} has shape {d.shape}, expected ({rows} or more, "
-                             f"{len(self.tensors)})")
-        self._check_stored(schema.FULL_STORED_IN, d, rows)
-        holders = {int(r) for r in np.unique(self._read(schema.FULL_STORED_IN, slice(0, rows)))} - {self.replica}
+        holders = {int(r) for r in np.unique(stored_in)} - {self.replica}
         if not holders:
             return {}
         if any(r < 0 or r >= self.num_replicas for r in holders):
@@ -275,20 +268,25 @@ class TraceReader:
                            f"Keep a worker's replica files together")
         return paths
 
-    def _check_lengths(self) -> Optional[np.ndarray]:
-        """``/full/rows`` (schema 4): each full row's length along the first axis, or None if all are whole."""
-        if not self._has(schema.FULL_ROWS):
-            if self.attrs.get(schema.ATTR_SCHEMA, 0) >= 4:
-                raise self._fail(f"missing dataset /{schema.FULL_ROWS}")
+    def _full_index(self, name: str, since: int) -> Optional[np.ndarray]:
+        """The (N, T) table ``name`` of the trusted full-tensor rows; None in files older than schema ``since``."""
+        if not self._has(name):
+            if self.attrs.get(schema.ATTR_SCHEMA, 0) >= since:
+                raise self._fail(f"missing dataset /{name}")
             return None
         rows = self._full_rows[""]
-        d = self._dataset(schema.FULL_ROWS, ndim=2, kinds="iu")
+        d = self._dataset(name, ndim=2, kinds="iu")
         if d.shape[1] != len(self.tensors) or d.shape[0] < rows:
-            raise self._fail(f"/{schema.FULL_ROWS} has shape {d.shape}, expected ({rows} or more, "
-                             f"{len(self.tensors)})")
-        self._check_stored(schema.FULL_ROWS, d, rows)
-        lengths = np.asarray(self._read(schema.FULL_ROWS, slice(0, rows)), dtype=np.int64).reshape(
-            rows, len(self.tensors))
+            raise self._fail(f"/{name} has shape {d.shape}, expected ({rows} or more, {len(self.tensors)})")
+        self._check_stored(name, d, rows)
+        return np.asarray(self._read(name, slice(0, rows))).reshape(rows, len(self.tensors))
+
+    def _check_lengths(self) -> Optional[np.ndarray]:
+        """``/full/rows`` (schema 4): each full row's length along the first axis, or None if all are whole."""
+        lengths = self._full_index(schema.FULL_ROWS, 4)
+        if lengths is None:
+            return None
+        lengths = lengths.astype(np.int64)
         whole = np.array([t.shape[0] if t.shape else 0 for t in self.tensors], dtype=np.int64)
         bad = np.argwhere((lengths < 0) | (lengths > whole[None, :]) | ((whole == 0)[None, :] & (lengths != 0)))
         if bad.size:

@@ -165,32 +165,28 @@ def m_delete_full_column(run, path, rng, ctx):
     return f"deleted /{name}", "any"
 
 
-def m_stored_in(run, path, rng, ctx):
-    """Point one full tensor at another replica's file (or at none)."""
-    def point(f):
-        d = f[schema.FULL_STORED_IN]
+def _poke(path, rng, name, choices):
+    """Set one entry of the (N, T) table ``name`` to another of ``choices(old)``."""
+    def poke(f):
+        d = f[name]
         if not d.shape[0]:
             return "no full steps"
         n, c = int(rng.integers(d.shape[0])), int(rng.integers(d.shape[1]))
         old = int(d[n, c])
-        new = int(rng.choice([v for v in (-1, 0, 1, 2, 7) if v != old]))
+        new = int(rng.choice([v for v in choices(old) if v != old]))
         d[n, c] = new
-        return f"/{schema.FULL_STORED_IN}[{n}, {c}]: {old} -> {new}"
-    return _edit(path, point), "any"
+        return f"/{name}[{n}, {c}]: {old} -> {new}"
+    return _edit(path, poke)
+
+
+def m_stored_in(run, path, rng, ctx):
+    """Point one full tensor at another replica's file (or at none)."""
+    return _poke(path, rng, schema.FULL_STORED_IN, lambda old: (-1, 0, 1, 2, 7)), "any"
 
 
 def m_rows(run, path, rng, ctx):
     """Give one full tensor another length along its first axis: negative, too long, or shorter."""
-    def change(f):
-        d = f[schema.FULL_ROWS]
-        if not d.shape[0]:
-            return "no full steps"
-        n, c = int(rng.integers(d.shape[0])), int(rng.integers(d.shape[1]))
-        old = int(d[n, c])
-        new = int(rng.choice([v for v in (-1, 0, 1, old - 1, old + 1, 2**40) if v != old]))
-        d[n, c] = new
-        return f"/{schema.FULL_ROWS}[{n}, {c}]: {old} -> {new}"
-    return _edit(path, change), "any"
+    return _poke(path, rng, schema.FULL_ROWS, lambda old: (-1, 0, 1, old - 1, old + 1, 2**40)), "any"
 
 
 def m_group_for_dataset(run, path, rng, ctx):
