@@ -432,24 +432,27 @@ class TraceSession:
                 for c in writer.shared_columns:
                     if arrays[c].size or not self.tensors[c].size:
                         arrays[c] = arrays[c].reshape(self.tensors[c].shape)
+            block = []  # fingerprint-only rows: one hand-over for all of them
             for r in range(filled):
                 if writer.last_step is not None and int(steps[r]) <= writer.last_step:
                     continue  # handed over already, before a failed hand-over stopped halfway
-                stored_in = None
-                if full is not None and r == filled - 1:
-                    # An empty array in place of a tensor: its hash equals the first replica's
-                    # (_shared_out), so equal bits (collisions about 2**-64), in that file already.
-                    holder = self.writers[0].replica
-                    stored_in = {c: holder for c in writer.shared_columns
-                                 if arrays[c].size != self.tensors[c].size}
-                    if any(hashes[c] != first_hashes[c] for c in stored_in):
-                        raise CaptureError(f"replica {writer.replica}: a full tensor was held back as equal to "
-                                           f"replica {holder}'s, but the hashes differ")
                 vecs = [ints[r, 0], floats[r, 0], floats[r, 1], ints[r, 1], ints[r, 2]]  # schema.STATS order
+                if full is None or r < filled - 1:
+                    block.append((int(steps[r]), vecs))
+                    continue
+                writer.write_steps(block)
+                block = []
+                # An empty array in place of a tensor: its hash equals the first replica's
+                # (_shared_out), so equal bits (collisions about 2**-64), in that file already.
+                holder = self.writers[0].replica
+                stored_in = {c: holder for c in writer.shared_columns if arrays[c].size != self.tensors[c].size}
+                if any(hashes[c] != first_hashes[c] for c in stored_in):
+                    raise CaptureError(f"replica {writer.replica}: a full tensor was held back as equal to "
+                                       f"replica {holder}'s, but the hashes differ")
                 # TensorFlow's buffers, lent to the writer: a variable updated while
                 # the writer still holds its value is copied first by TensorFlow.
-                writer.write_step(int(steps[r]), vecs, arrays if stored_in is not None else None, copy=False,
-                                  stored_in=stored_in)
+                writer.write_step(int(steps[r]), vecs, arrays, copy=False, stored_in=stored_in)
+            writer.write_steps(block)
 
     def _drain(self) -> None:
         """Outside any step: hand the rows still on the device to the writers."""

@@ -317,6 +317,24 @@ class TraceWriter:
             full = self._copy_full(full) if copy else [None if a is None else np.asarray(a) for a in full]
         self._put(("step", step, fingerprints, (full, elsewhere) if full is not None else None, copy))
 
+    def write_steps(self, rows: Sequence[Tuple[int, Sequence[np.ndarray]]]) -> None:
+        """Append several steps of fingerprints only: ``[(step, STATS vectors), ...]`` in step order.
+
+        One hand-over to the writer thread for all of them, so a block of rows
+        costs the caller one queue slot, not one per step (a full queue would
+        make it wait for the disk).
+        """
+        rows = [(int(step), fps) for step, fps in rows]
+        last = self._last_step
+        for step, _ in rows:
+            if last is not None and step <= last:
+                raise TraceWriteError(f"{self.path}: steps must increase. Received: step={step} after step={last}")
+            last = step
+        if not rows:
+            return
+        self._last_step = last
+        self._put(("steps", None, rows, None, False))
+
     def _copy_full(self, full: Sequence[np.ndarray]) -> List[np.ndarray]:
         """``full`` copied into a recycled set of buffers (new ones if none fits); None entries stay None."""
         full = [None if a is None else np.asarray(a) for a in full]
@@ -424,9 +442,16 @@ class TraceWriter:
                         self._flush()
                         since_flush = 0
                         continue
-                    group = schema.INITIAL if op == "initial" else ""
-                    cols = self.initial_columns if op == "initial" else range(len(self.tensors))
-                    raw = self._append(group, step, fps, full, cols)
+                    if op == "steps":  # fingerprint rows only (write_steps): nothing raw to write
+                        raw = []
+                        for row_step, row_fps in fps:
+                            self._append("", row_step, row_fps, None, range(len(self.tensors)))
+                            self._steps_written += 1
+                            since_flush += 1
+                    else:
+                        group = schema.INITIAL if op == "initial" else ""
+                        cols = self.initial_columns if op == "initial" else range(len(self.tensors))
+                        raw = self._append(group, step, fps, full, cols)
                 if raw:
                     # Outside the turn: the writers of all local replicas copy their
                     # bytes to the file system at the same time.

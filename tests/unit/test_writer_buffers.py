@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from tracer import schema
 from tracer.config import CaptureConfig
 from tracer.errors import TraceWriteError
 from tracer.hashing import fingerprint
@@ -73,3 +74,29 @@ def test_a_failed_full_tensor_write_stops_cleanly_and_keeps_the_steps_before(tmp
         for step in range(3):
             for k in range(len(TENSORS)):
                 np.testing.assert_array_equal(reader.full(k, step), arrays[k])
+
+
+def test_a_block_of_fingerprint_rows_is_one_hand_over(tmp_path):
+    # write_steps queues all its rows as one item: with a queue of 2, blocks of 10 rows
+    # neither wait on each other nor lose a row, and steps must still increase.
+    path = str(tmp_path / "replica-0.h5")
+    config = CaptureConfig(mode="fingerprint", queue_size=2, flush_every=10)
+    writer = TraceWriter(path, TENSORS, config=config, initial_columns=[])
+    arrays = [np.zeros(t.shape, np.float32) for t in TENSORS]
+    expected = []
+    for block in range(6):
+        rows = []
+        for step in range(block * 10, block * 10 + 10):
+            arrays[3][...] = step
+            fps = _stack([fingerprint(a) for a in arrays])
+            rows.append((step, fps))
+            expected.append(fps)
+        writer.write_steps(rows)
+    with pytest.raises(TraceWriteError, match=r"steps must increase. Received: step=59 after step=59"):
+        writer.write_steps([(59, expected[-1])])
+    writer.write_steps([])
+    writer.close()
+    with TraceReader(path) as reader:
+        assert list(reader.steps()) == list(range(60))
+        for k, (stat, _) in enumerate(schema.STATS):
+            np.testing.assert_array_equal(reader.fingerprints(stat), np.stack([fps[k] for fps in expected]))
