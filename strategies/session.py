@@ -61,7 +61,12 @@ def _dtype_name(dtype: tf.DType) -> str:
 def _spec(kind: str, name: str, tensor: Any, **extra) -> schema.TensorSpec:
     shape = tensor.shape
     if not shape.is_fully_defined():
-        raise CaptureError(f"{kind} {name!r} has a shape that is not static ({shape}); tracer needs static shapes")
+        hint = (" (often a batch of unknown size: a dataset batched without drop_remainder and read inside the "
+                "tf.function). Iterate the distributed dataset outside the tf.function and pass each batch in "
+                "(for batch in dist_dataset: step(batch)), as TensorFlow's tutorial does, or batch with "
+                "drop_remainder=True" if kind == "input" else "")
+        raise CaptureError(f"{kind} {name!r} has a shape that is not static ({shape}); tracer needs static "
+                           f"shapes{hint}")
     return schema.TensorSpec(kind=kind, name=name, shape=tuple(int(d) for d in shape),
                              dtype=_dtype_name(tensor.dtype), **extra)
 

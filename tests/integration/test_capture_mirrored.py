@@ -167,6 +167,56 @@ def test_full_capture_refuses_a_batch_larger_than_its_column():
             check_input_shapes([[tf.zeros([6, 8])], [tf.zeros(shape)]], [column])
 
 
+_DYNAMIC = """
+import sys
+import keras
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from strategies import TracedMirroredStrategy
+from tests.integration import training
+from tracer.errors import CaptureError
+strategy = TracedMirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")], trace_dir=sys.argv[1])
+with strategy.scope():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    opt = keras.optimizers.SGD(0.1)
+    opt.build(model.trainable_variables)
+strategy.watch(model, opt)
+x, y = training.dataset(n=40)
+it = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()))
+
+def replica_step(batch):
+    xb, yb = batch
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(yb, model(xb), from_logits=True))
+    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    return loss
+
+@tf.function
+def step(iterator):
+    return strategy.run(replica_step, args=(next(iterator),))
+
+try:
+    step(it)
+except CaptureError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_a_batch_of_unknown_size_is_a_clear_error_that_says_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    # Its own process: a step that fails to trace leaves TensorFlow's collectives unusable in the process.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _DYNAMIC, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    assert "input 'batch[0]' has a shape that is not static ((None, 8))" in proc.stdout, proc.stdout
+    assert "Iterate the distributed dataset outside the tf.function" in proc.stdout, proc.stdout
+
+
 def test_rows_handed_over_in_blocks_are_the_rows_of_every_step(tf_cpus, tmp_path):
     """Fingerprints wait on the device and reach the host every flush_every steps, or with a
     full-tensor step: the trace is the one a hand-over per step writes, step for step."""
