@@ -31,7 +31,7 @@ from strategies.fingerprint import fingerprint_all
 from tracer import schema
 from tracer.config import CaptureConfig
 from tracer.errors import CaptureError
-from tracer.segments import segment_path
+from tracer.segments import continued_run_id, segment_path
 from tracer.writer import TraceWriter
 
 _N_STATS = len(schema.STATS)
@@ -516,6 +516,10 @@ class TraceSession:
                  for i in range(n_local)]
         attrs[schema.ATTR_REPLICA_FILES] = json.dumps({str(worker * n_local + i): os.path.basename(path)
                                                        for i, (path, _) in enumerate(files)})
+        # A resumed multi-worker job has new ports, hence a new cluster: it keeps its run's id.
+        run_id = continued_run_id(self.trace_dir, worker * n_local, files[0][1])
+        if run_id is not None:
+            attrs[schema.ATTR_RUN_ID] = run_id
         # Full tensors of the global kinds are written once per worker when its local replicas
         # agree bit for bit (see _write_rows): the other replicas' files point to the first one's.
         shared = [c for c, t in enumerate(self.tensors) if t.kind in schema.GLOBAL_KINDS]

@@ -87,6 +87,28 @@ def segment_path(trace_dir: str, replica: int, step: int, *, tensors: Sequence[s
     return os.path.join(trace_dir, schema.replica_file_name(replica, k_last + 1)), k_last + 1
 
 
+def continued_run_id(trace_dir: str, replica: int, segment: int) -> Optional[str]:
+    """The run id of the segment before ``segment`` of ``replica``: the one a resumed job carries on.
+
+    None for segment 0 or when that segment is gone. A job's run id is derived
+    from its cluster, whose ports change when a multi-worker job is started
+    again, so the segments of one run keep the first one's.
+    """
+    if segment == 0:
+        return None
+    earlier = [path for k, path in find_segments(trace_dir).get(replica, []) if k < segment]
+    if not earlier:
+        return None
+    from tracer.reader import TraceReader  # deferred: tracer.reader imports this module
+
+    try:
+        with TraceReader(earlier[-1]) as r:
+            return r.run_id or None
+    except TraceFormatError as exc:
+        raise CaptureError(f"resuming segment {segment}: the earlier trace segment cannot be read ({exc}); "
+                           f"pass a new trace directory") from exc
+
+
 class _Piece:
     """The rows one segment contributes to the joined trace."""
 

@@ -112,3 +112,26 @@ def test_usage_error_on_every_rank_ends_the_job(tmp_path):
     assert seconds < 60
     assert "--batch-size must be divisible by the 2 replicas" in output and "Received: --batch-size 15" in output
     assert not (tmp_path / "t").exists() or not os.listdir(tmp_path / "t")
+
+
+def test_two_workers_resumed_from_a_checkpoint_trace_one_run(tmp_path):
+    """Restarted with mpirun from its checkpoint, the job continues its trace in segment files under the
+    same run id (its new ports make a new cluster), and the joined trace equals an uninterrupted job's."""
+    from tracer.bisect import main as bisect_main
+    from tracer.reader import Run
+
+    common = ["--batch-size", "16", "--no-progress"]
+    proc, _ = mpirun(N, common + ["--steps", "4", "--trace-dir", str(tmp_path / "ref")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    resumable = common + ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
+    proc, _ = mpirun(N, resumable + ["--steps", "2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    proc, _ = mpirun(N, resumable + ["--steps", "4"], cwd=tmp_path)  # the same command, more steps
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "restored" in proc.stdout and "at optimizer step 2" in proc.stdout, proc.stdout
+    trace = tmp_path / "ckpt" / "trace"
+    assert sorted(os.listdir(trace)) == [f"replica-{i}{seg}.h5" for i in range(N) for seg in ("", ".seg1")]
+    with Run(str(trace)) as run:
+        assert run.steps.tolist() == [0, 1, 2, 3]
+        assert any("segment 1 from step 2" in n for n in run.notes), run.notes
+    assert bisect_main([str(tmp_path / "ref"), str(trace)]) == 0
