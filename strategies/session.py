@@ -31,7 +31,7 @@ from strategies.fingerprint import fingerprint_all
 from tracer import schema
 from tracer.config import CaptureConfig
 from tracer.errors import CaptureError
-from tracer.segments import continued_run_id, segment_path
+from tracer.segments import segment_path
 from tracer.writer import TraceWriter
 
 _N_STATS = len(schema.STATS)
@@ -515,15 +515,13 @@ class TraceSession:
         files = [segment_path(self.trace_dir, worker * n_local + i, step0, tensors=self.tensors, num_replicas=n_sync)
                  for i in range(n_local)]
         attrs[schema.ATTR_REPLICA_FILES] = json.dumps({str(worker * n_local + i): os.path.basename(path)
-                                                       for i, (path, _) in enumerate(files)})
-        # A resumed multi-worker job has new ports, hence a new cluster: it keeps its run's id.
-        run_id = continued_run_id(self.trace_dir, worker * n_local, files[0][1])
-        if run_id is not None:
-            attrs[schema.ATTR_RUN_ID] = run_id
+                                                       for i, (path, _, _) in enumerate(files)})
+        if files[0][2] is not None:  # a resumed job continues its run (see segment_path)
+            attrs[schema.ATTR_RUN_ID] = files[0][2]
         # Full tensors of the global kinds are written once per worker when its local replicas
         # agree bit for bit (see _write_rows): the other replicas' files point to the first one's.
         shared = [c for c, t in enumerate(self.tensors) if t.kind in schema.GLOBAL_KINDS]
-        for i, (path, segment) in enumerate(files):
+        for i, (path, segment, _) in enumerate(files):
             replica = worker * n_local + i
             writer = TraceWriter(path, self.tensors, config=self.config, initial_columns=initial_cols,
                                  shared_columns=shared if i else (),

@@ -49,14 +49,19 @@ def find_segments(run_dir: str) -> Dict[int, List[Tuple[int, str]]]:
 
 
 def segment_path(trace_dir: str, replica: int, step: int, *, tensors: Sequence[schema.TensorSpec],
-                 num_replicas: int) -> Tuple[str, int]:
-    """The file a writer whose first update is ``step`` must create, and its segment index.
+                 num_replicas: int) -> Tuple[str, int, Optional[str]]:
+    """The file a writer whose first update is ``step`` must create, its segment index, and its run id.
 
     * ``step == 0`` (a fresh run): ``replica-<g>.h5``, replacing what the
       directory held for this replica (its old segments are removed);
     * ``step > 0`` (restored from a checkpoint) and the directory already has
       this replica's trace: the next segment ``replica-<g>.seg<k>.h5``;
     * ``step > 0`` into an empty directory: ``replica-<g>.h5`` starting at ``step``.
+
+    The run id is the earlier segment's for a continued trace (None otherwise):
+    a job's run id is derived from its cluster, whose ports change when a
+    multi-worker job is started again, so the segments of one run keep the
+    first one's.
 
     Raises:
         CaptureError: If the earlier segment is not a trace of this job (another
@@ -68,15 +73,16 @@ def segment_path(trace_dir: str, replica: int, step: int, *, tensors: Sequence[s
         for k, path in existing:
             if k > 0:
                 os.remove(path)
-        return base, 0
+        return base, 0, None
     if not existing:
-        return base, 0
+        return base, 0, None
     k_last, last = existing[-1]
     from tracer.reader import TraceReader  # deferred: tracer.reader imports this module
 
     try:
         with TraceReader(last) as r:
             same = r.tensors == list(tensors) and r.num_replicas == num_replicas
+            run_id = r.run_id or None
     except TraceFormatError as exc:
         raise CaptureError(f"resuming at step {step}: the earlier trace segment cannot be read ({exc}); "
                            f"pass a new trace directory") from exc
@@ -84,29 +90,7 @@ def segment_path(trace_dir: str, replica: int, step: int, *, tensors: Sequence[s
         raise CaptureError(f"resuming at step {step}: {last} is the trace of another run (other tensor table or "
                            f"replica count), so this job cannot continue it. Pass a new trace directory, or "
                            f"remove the old files")
-    return os.path.join(trace_dir, schema.replica_file_name(replica, k_last + 1)), k_last + 1
-
-
-def continued_run_id(trace_dir: str, replica: int, segment: int) -> Optional[str]:
-    """The run id of the segment before ``segment`` of ``replica``: the one a resumed job carries on.
-
-    None for segment 0 or when that segment is gone. A job's run id is derived
-    from its cluster, whose ports change when a multi-worker job is started
-    again, so the segments of one run keep the first one's.
-    """
-    if segment == 0:
-        return None
-    earlier = [path for k, path in find_segments(trace_dir).get(replica, []) if k < segment]
-    if not earlier:
-        return None
-    from tracer.reader import TraceReader  # deferred: tracer.reader imports this module
-
-    try:
-        with TraceReader(earlier[-1]) as r:
-            return r.run_id or None
-    except TraceFormatError as exc:
-        raise CaptureError(f"resuming segment {segment}: the earlier trace segment cannot be read ({exc}); "
-                           f"pass a new trace directory") from exc
+    return os.path.join(trace_dir, schema.replica_file_name(replica, k_last + 1)), k_last + 1, run_id
 
 
 class _Piece:

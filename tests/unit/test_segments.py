@@ -13,7 +13,7 @@ from tracer.bisect import main as bisect_main
 from tracer.check import main as check_main
 from tracer.errors import CaptureError, TraceFormatError
 from tracer.reader import Run, TraceReader
-from tracer.segments import JoinedReader, continued_run_id, segment_path
+from tracer.segments import JoinedReader, segment_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,19 +128,17 @@ def test_segments_of_another_run_are_refused(tmp_path):
 def test_segment_path_chooses_the_file_at_writer_creation(tmp_path):
     specs = model_tensors()
     d = str(tmp_path / "t")
-    assert segment_path(d, 0, 7, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-0.h5"), 0)
+    assert segment_path(d, 0, 7, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-0.h5"), 0, None)
     write_run(d, steps=4)
     add_segment(d, 1, first_step=4, steps=2)
-    # Resumed (step > 0): the next free segment.
-    assert segment_path(d, 1, 6, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-1.seg2.h5"), 2)
+    # Resumed (step > 0): the next free segment, under the run id of the one before it.
+    with TraceReader(os.path.join(d, "replica-1.seg1.h5")) as r:
+        run_id = r.run_id
+    assert segment_path(d, 1, 6, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-1.seg2.h5"), 2, run_id)
     with pytest.raises(CaptureError, match=r"replica-1\.seg1\.h5 is the trace of another run"):
         segment_path(d, 1, 6, tensors=specs[1:], num_replicas=2)
-    # The next segment carries on the run id of the one before it.
-    with TraceReader(os.path.join(d, "replica-1.seg1.h5")) as r:
-        assert continued_run_id(d, 1, 2) == r.run_id
-    assert continued_run_id(d, 1, 0) is None
     # A fresh run (step 0) starts over: the old segments go, replica-<g>.h5 is rewritten.
-    assert segment_path(d, 1, 0, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-1.h5"), 0)
+    assert segment_path(d, 1, 0, tensors=specs, num_replicas=2) == (os.path.join(d, "replica-1.h5"), 0, None)
     assert sorted(os.listdir(d)) == ["replica-0.h5", "replica-0.seg1.h5", "replica-1.h5"]
 
 

@@ -77,13 +77,19 @@ def test_a_failed_full_tensor_write_stops_cleanly_and_keeps_the_steps_before(tmp
 
 
 def test_a_block_of_fingerprint_rows_is_one_hand_over(tmp_path):
-    # write_steps queues all its rows as one item: with a queue of 2, blocks of 10 rows
-    # neither wait on each other nor lose a row, and steps must still increase.
+    # write_steps queues all its rows as one item: while the writer thread cannot write
+    # (it waits for the HDF5 turn held here), two blocks of 10 rows still fit a queue of
+    # 2 (one row per item would wait at the third row). No row is lost, and steps must
+    # still increase.
+    import threading
+
+    from tracer import writer as writer_module
+
     path = str(tmp_path / "replica-0.h5")
     config = CaptureConfig(mode="fingerprint", queue_size=2, flush_every=10)
     writer = TraceWriter(path, TENSORS, config=config, initial_columns=[])
     arrays = [np.zeros(t.shape, np.float32) for t in TENSORS]
-    expected = []
+    blocks, expected = [], []
     for block in range(6):
         rows = []
         for step in range(block * 10, block * 10 + 10):
@@ -91,6 +97,17 @@ def test_a_block_of_fingerprint_rows_is_one_hand_over(tmp_path):
             fps = _stack([fingerprint(a) for a in arrays])
             rows.append((step, fps))
             expected.append(fps)
+        blocks.append(rows)
+    with writer_module._HDF5_TURN:
+        handing = threading.Thread(target=lambda: [writer.write_steps(rows) for rows in blocks[:2]])
+        handing.start()
+        handing.join(timeout=10)
+        waited = handing.is_alive()
+    handing.join()
+    if waited:
+        writer.close()
+    assert not waited, "a block of rows waited for the writer thread"
+    for rows in blocks[2:]:
         writer.write_steps(rows)
     with pytest.raises(TraceWriteError, match=r"steps must increase. Received: step=59 after step=59"):
         writer.write_steps([(59, expected[-1])])
