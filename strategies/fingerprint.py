@@ -15,7 +15,9 @@ within a relative 2**-20 of the exact value (``L2_RTOL``) unless squares
 overflow or underflow float32, which the pass detects from its own result and
 then sums again in float64. NaN and Inf are counted only when l2 or max |x| is
 not finite, inside the XLA cluster, so no value travels to the host to decide
-it.
+it. One condition for all the tensors of a call decides whether any of them
+needs either: two conditions per tensor cost XLA's CPU runtime about a sixth of
+the pass.
 
 The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
 bit for bit, with and without XLA.
@@ -242,9 +244,6 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     n = int(np.prod(x.shape, dtype=np.int64))
     total += _mix64(_u64(n * x.dtype.size))
     max_abs = _abs_value(max_key, x.dtype)
-    if narrow and n:  # x is flat (see fingerprint_all)
-        sumsq = tf.cond(_narrow_ok(sumsq, max_abs, n), lambda: sumsq,
-                        lambda: tf.reduce_sum(tf.square(tf.cast(x, tf.float64))))
     return tf.bitcast(total, tf.int64), max_abs, sumsq
 
 
@@ -265,18 +264,52 @@ def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
     return tf.cond(finite, lambda: (max_abs, zero, zero), count)
 
 
+def _exact_sumsq(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
+    """The sum of squares again in float64 where float32 columns may have lost too much (``_narrow_ok``)."""
+    n = x.shape.num_elements()
+    if x.dtype != tf.float32 or not n:
+        return sumsq
+    return tf.cond(_narrow_ok(sumsq, max_abs, n), lambda: sumsq,
+                   lambda: tf.reduce_sum(tf.square(tf.cast(x, tf.float64))))
+
+
+def _fast_ok(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
+    """Whether the one pass's results are final: finite, and within ``L2_RTOL`` for float32."""
+    if not x.dtype.is_floating or x.shape.num_elements() == 0:
+        return tf.constant(True)
+    ok = tf.math.is_finite(sumsq)  # a NaN or an infinity makes the sum of squares NaN or inf too
+    if x.dtype == tf.float32:
+        ok = tf.logical_and(ok, _narrow_ok(sumsq, max_abs, x.shape.num_elements()))
+    return ok
+
+
 def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
-    hashes, l2s, maxes, nans, infs = [], [], [], [], []
+    """The five fingerprint vectors; per tensor work beyond the one pass only when some result needs it."""
+    hashes, maxes, sums = [], [], []
     for x in tensors:
         h, max_abs, sumsq = _hash_max_sumsq(x, fused)
-        l2 = tf.sqrt(sumsq)
-        max_abs, nan, inf = _counts(x, l2, max_abs)
         hashes.append(h)
-        l2s.append(l2)
         maxes.append(max_abs)
-        nans.append(nan)
-        infs.append(inf)
-    return [tf.stack(hashes), tf.stack(l2s), tf.stack(maxes), tf.stack(nans), tf.stack(infs)]
+        sums.append(sumsq)
+    zeros = tf.zeros([len(tensors)], tf.int64)
+
+    def fast():
+        return tf.sqrt(tf.stack(sums)), tf.stack(maxes), zeros, zeros
+
+    def slow():
+        l2s, out_max, nans, infs = [], [], [], []
+        for x, max_abs, sumsq in zip(tensors, maxes, sums):
+            l2 = tf.sqrt(_exact_sumsq(x, sumsq, max_abs))
+            max_abs, nan, inf = _counts(x, l2, max_abs)
+            l2s.append(l2)
+            out_max.append(max_abs)
+            nans.append(nan)
+            infs.append(inf)
+        return tf.stack(l2s), tf.stack(out_max), tf.stack(nans), tf.stack(infs)
+
+    ok = tf.reduce_all(tf.stack([_fast_ok(x, s, m) for x, s, m in zip(tensors, sums, maxes)]))
+    l2s, maxes, nans, infs = tf.cond(ok, fast, slow)
+    return [tf.stack(hashes), l2s, maxes, nans, infs]
 
 
 _device_part_xla = tf.function(functools.partial(_device_part, fused=_VARIADIC_REDUCE is not None),

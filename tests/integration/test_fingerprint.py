@@ -42,8 +42,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["one-call", "call-per-tensor"])
 @pytest.mark.parametrize("use_xla", [True, False], ids=["xla", "no-xla"])
-def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla):
+def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla, together):
+    """One call for all cases takes the path for calls with a non-finite or out-of-range tensor;
+    one call per case takes the one-pass path wherever that case allows it."""
     import tensorflow as tf
 
     from strategies.fingerprint import fingerprint_all
@@ -52,7 +55,10 @@ def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla):
 
     @tf.function
     def run(tensors):
-        return fingerprint_all(tensors, use_xla=use_xla)
+        if together:
+            return fingerprint_all(tensors, use_xla=use_xla)
+        apart = [fingerprint_all([t], use_xla=use_xla) for t in tensors]
+        return [tf.concat([a[k] for a in apart], 0) for k in range(5)]
 
     with tf.device(tf_cpus[1]):
         hashes, l2, max_abs, nan, inf = (v.numpy() for v in run([tf.constant(CASES[n]) for n in names]))
