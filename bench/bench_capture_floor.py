@@ -1,15 +1,26 @@
-"""How much of the fingerprint overhead any pass over the captured bytes costs.
+"""How much of the fingerprint overhead any pass over the captured bytes costs, and what costs the rest.
 
     python bench/bench_capture_floor.py [--blocks 40]
 
-Runs three MLP setups of the capture benchmark side by side in one process,
-alternating blocks of 10 steps: untraced, traced with fingerprints of every
-kind, and traced with the fingerprint pass replaced by the cheapest pass that
-reads every captured byte once (float32 sums over the same tensors, no hash, no
-statistics; its "fingerprints" are meaningless and the trace is thrown away).
-The third ratio is the floor a fingerprint on this machine cannot go under;
-the gap between the second and the third is what the hash and the statistics
-cost on top of reading the bytes.
+Runs MLP setups of the capture benchmark side by side in one process,
+alternating blocks of 10 steps:
+
+* untraced;
+* traced with fingerprints of every kind;
+* "read-only pass": the fingerprint pass replaced by the cheapest pass that
+  reads every captured byte once (float32 sums over the same tensors, no hash,
+  no statistics);
+* "first element": a pass that reads one element of each tensor. It makes the
+  same XLA call at the same point of the step, on the same tensors (variables
+  read after the update, gradients held until then), so it measures everything
+  but the reading;
+* "no pass": rows of zeros, no call and no reads; only the rest of the tracer's
+  machinery (device buffers, the host counter, the writer).
+
+The stand-ins' "fingerprints" are meaningless and their traces are thrown away.
+The read-only ratio is the floor a fingerprint on this machine cannot go under;
+the gap between the fingerprints and the read-only pass is what the hash and the
+statistics cost on top of reading the bytes.
 """
 
 from __future__ import annotations
@@ -54,6 +65,36 @@ def _read_only_pass():
     return fingerprint_all
 
 
+def _first_element_pass():
+    """A stand-in that makes the same call on the same tensors but reads one element of each."""
+    import tensorflow as tf
+
+    def part(tensors):
+        v = tf.stack([tf.cast(x[0], tf.float64) if x.shape.num_elements() else tf.zeros([], tf.float64)
+                      for x in tensors])
+        i = tf.cast(v, tf.int64)
+        return [i, v, v, i, i]
+
+    compiled = tf.function(part, jit_compile=True, autograph=False)
+
+    def fingerprint_all(tensors, use_xla=True):
+        return compiled([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors])
+
+    return fingerprint_all
+
+
+def _no_pass():
+    """A stand-in with no call at all: fingerprint rows of zeros."""
+    import tensorflow as tf
+
+    def fingerprint_all(tensors, use_xla=True):
+        n = len(tensors)
+        return [tf.zeros([n], tf.int64), tf.zeros([n], tf.float64), tf.zeros([n], tf.float64),
+                tf.zeros([n], tf.int64), tf.zeros([n], tf.int64)]
+
+    return fingerprint_all
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=40, help="blocks of 10 steps per setup")
@@ -66,9 +107,11 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="tracer-floor-")
     runs = {"untraced": bc._build("mlp", None, devices, os.path.join(root, "u"), x, y, bc.GLOBAL_BATCH)}
     real = session.fingerprint_all
-    for name, fp in (("fingerprints", real), ("read-only pass", _read_only_pass())):
+    for name, fp in (("fingerprints", real), ("read-only pass", _read_only_pass()),
+                     ("first element", _first_element_pass()), ("no pass", _no_pass())):
         session.fingerprint_all = fp  # looked up when the step is traced, on its first call below
-        runs[name] = bc._build("mlp", "fingerprint", devices, os.path.join(root, name[:4]), x, y, bc.GLOBAL_BATCH)
+        runs[name] = bc._build("mlp", "fingerprint", devices, os.path.join(root, name.replace(" ", "-")), x, y,
+                               bc.GLOBAL_BATCH)
         step, it, strategy, _ = runs[name]
         for _ in range(10):
             step(next(it)).numpy()
@@ -80,7 +123,7 @@ def main(argv=None) -> int:
     names = list(runs)
     times = {k: [] for k in names}
     for b in range(args.blocks):
-        for k in names[b % 3:] + names[:b % 3]:
+        for k in names[b % len(names):] + names[:b % len(names)]:
             step, it, strategy, _ = runs[k]
             t0 = time.perf_counter()
             for _ in range(10):
