@@ -37,20 +37,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def _read_only_pass():
-    """A stand-in for ``fingerprint_all`` that only reads each tensor once (float32 column sums)."""
+def _stand_in(one):
+    """A stand-in for ``fingerprint_all``: one XLA call, ``one(flat tensor)`` per tensor, as every statistic."""
     import tensorflow as tf
-
-    def one(x):
-        n = int(x.shape[0])
-        if n >= 4096 and n % 8 == 0:
-            s = tf.reduce_sum(tf.reshape(tf.cast(x, tf.float32), [8, -1]), 0)
-            while int(s.shape[0]) >= 2048 and int(s.shape[0]) % 8 == 0:
-                s = tf.reduce_sum(tf.reshape(s, [8, -1]), 0)
-            s = tf.reduce_sum(s)
-        else:
-            s = tf.reduce_sum(tf.cast(x, tf.float32))
-        return tf.cast(s, tf.float64)
 
     def part(tensors):
         v = tf.stack([one(x) for x in tensors])
@@ -65,22 +54,29 @@ def _read_only_pass():
     return fingerprint_all
 
 
+def _read_only_pass():
+    """A stand-in that only reads each tensor once (float32 column sums)."""
+    import tensorflow as tf
+
+    def one(x):
+        n = int(x.shape[0])
+        if n >= 4096 and n % 8 == 0:
+            s = tf.reduce_sum(tf.reshape(tf.cast(x, tf.float32), [8, -1]), 0)
+            while int(s.shape[0]) >= 2048 and int(s.shape[0]) % 8 == 0:
+                s = tf.reduce_sum(tf.reshape(s, [8, -1]), 0)
+            s = tf.reduce_sum(s)
+        else:
+            s = tf.reduce_sum(tf.cast(x, tf.float32))
+        return tf.cast(s, tf.float64)
+
+    return _stand_in(one)
+
+
 def _first_element_pass():
     """A stand-in that makes the same call on the same tensors but reads one element of each."""
     import tensorflow as tf
 
-    def part(tensors):
-        v = tf.stack([tf.cast(x[0], tf.float64) if x.shape.num_elements() else tf.zeros([], tf.float64)
-                      for x in tensors])
-        i = tf.cast(v, tf.int64)
-        return [i, v, v, i, i]
-
-    compiled = tf.function(part, jit_compile=True, autograph=False)
-
-    def fingerprint_all(tensors, use_xla=True):
-        return compiled([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors])
-
-    return fingerprint_all
+    return _stand_in(lambda x: tf.cast(x[0], tf.float64) if x.shape.num_elements() else tf.zeros([], tf.float64))
 
 
 def _no_pass():
