@@ -298,10 +298,7 @@ class TraceWriter:
         host callback (a variable updated while its value is held is copied
         first by TensorFlow itself), it saves the copy on the training side.
         """
-        step = int(step)
-        if self._last_step is not None and step <= self._last_step:
-            raise TraceWriteError(
-                f"{self.path}: steps must increase. Received: step={step} after step={self._last_step}")
+        step = self._next_step(int(step), self._last_step)
         elsewhere: Dict[int, int] = {}
         if stored_in:
             if full is None:
@@ -327,13 +324,17 @@ class TraceWriter:
         rows = [(int(step), fps) for step, fps in rows]
         last = self._last_step
         for step, _ in rows:
-            if last is not None and step <= last:
-                raise TraceWriteError(f"{self.path}: steps must increase. Received: step={step} after step={last}")
-            last = step
+            last = self._next_step(step, last)
         if not rows:
             return
         self._last_step = last
         self._put(("steps", None, rows, None, False))
+
+    def _next_step(self, step: int, last: Optional[int]) -> int:
+        """``step``, if it may follow ``last``: steps strictly increase."""
+        if last is not None and step <= last:
+            raise TraceWriteError(f"{self.path}: steps must increase. Received: step={step} after step={last}")
+        return step
 
     def _copy_full(self, full: Sequence[np.ndarray]) -> List[np.ndarray]:
         """``full`` copied into a recycled set of buffers (new ones if none fits); None entries stay None."""
