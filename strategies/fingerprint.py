@@ -316,11 +316,46 @@ _device_part_xla = tf.function(functools.partial(_device_part, fused=_VARIADIC_R
                                jit_compile=True, autograph=False)
 
 
+def _dynamic_one(x: tf.Tensor) -> List[tf.Tensor]:
+    """[hash, l2, max_abs, nan, inf] of a flat tensor whose length is known only at run time.
+
+    An input batch of unknown size: small, so one plain pass per statistic, the
+    squares summed in float64. Same definitions as ``_hash_max_sumsq``, with the
+    word count and index terms taken from the run-time length.
+    """
+    dtype = x.dtype
+    flat = tf.cast(x, tf.uint8) if dtype == tf.bool else x
+    width = flat.dtype.size
+    per_word = 8 // width
+    n = tf.size(flat, out_type=tf.int64)
+    pad = tf.math.floormod(-n, per_word)
+    pieces = tf.reshape(tf.concat([flat, tf.zeros(tf.reshape(pad, [1]), flat.dtype)], 0), [-1, per_word])
+    words = _words(pieces)
+    index = tf.cast(tf.range(1, tf.size(words, out_type=tf.int64) + 1), tf.uint64) * _u64(hashing.INDEX_MUL_64)
+    total = tf.reduce_sum(_mix64(words + index)) + _mix64(tf.cast(n, tf.uint64) * _u64(width))
+    key_dtype = _abs_key_dtype(flat.dtype)
+    max_key = tf.maximum(tf.zeros([], key_dtype), tf.reduce_max(_abs_key(flat)))
+    max_abs = _abs_value(max_key, flat.dtype)
+    l2 = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(flat, tf.float64))))
+    max_abs, nan, inf = _counts(x, l2, max_abs)
+    return [tf.bitcast(total, tf.int64), l2, max_abs, nan, inf]
+
+
+def _dynamic_part(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    rows = [_dynamic_one(x) for x in tensors]
+    return [tf.stack([r[k] for r in rows]) for k in range(5)]
+
+
+# Compiled once per run-time shape (an epoch's last batch adds one more).
+_dynamic_part_xla = tf.function(_dynamic_part, jit_compile=True, autograph=False, reduce_retracing=True)
+
+
 def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[tf.Tensor]:
     """Fingerprints of ``tensors`` on the current device: [hash, l2, max_abs, nan, inf] vectors.
 
     Args:
-        tensors: Tensors with static shapes.
+        tensors: Tensors with static shapes, or shapes known only at run time
+            (an input batch of unknown size), which take a second, plain pass.
         use_xla: Compile the hash, max |x| and counts with XLA (default);
             without it the same ops run as ordinary TensorFlow kernels.
 
@@ -334,6 +369,15 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
     # Flat outside the compiled function: inside it, viewing an n-d tensor as slices
     # costs XLA an index computation per element that stops vectorization.
     tensors = [tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors]
-    if use_xla:
-        return _device_part_xla(tensors)
-    return _device_part(tensors, fused=False)
+    static = [k for k, t in enumerate(tensors) if t.shape.is_fully_defined()]
+    if len(static) == len(tensors):
+        return _device_part_xla(tensors) if use_xla else _device_part(tensors, fused=False)
+    dynamic = [k for k, t in enumerate(tensors) if not t.shape.is_fully_defined()]
+    parts = (_dynamic_part_xla if use_xla else _dynamic_part)([tensors[k] for k in dynamic])
+    if static:
+        fixed = [tensors[k] for k in static]
+        fixed = _device_part_xla(fixed) if use_xla else _device_part(fixed, fused=False)
+        parts = [tf.concat([f, d], 0) for f, d in zip(fixed, parts)]
+    # Back to the order of ``tensors``.
+    order = np.argsort(np.array(static + dynamic, dtype=np.int64))
+    return [tf.gather(p, order) for p in parts]

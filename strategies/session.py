@@ -59,16 +59,15 @@ def _dtype_name(dtype: tf.DType) -> str:
 
 
 def _spec(kind: str, name: str, tensor: Any, **extra) -> schema.TensorSpec:
+    """The column of ``tensor``; an input batch of unknown size gets ``schema.UNKNOWN_DIM`` as its first axis."""
     shape = tensor.shape
-    if not shape.is_fully_defined():
-        hint = (" (often a batch of unknown size: a dataset batched without drop_remainder and read inside the "
-                "tf.function). Iterate the distributed dataset outside the tf.function and pass each batch in "
-                "(for batch in dist_dataset: step(batch)), as TensorFlow's tutorial does, or batch with "
-                "drop_remainder=True" if kind == "input" else "")
-        raise CaptureError(f"{kind} {name!r} has a shape that is not static ({shape}); tracer needs static "
-                           f"shapes{hint}")
-    return schema.TensorSpec(kind=kind, name=name, shape=tuple(int(d) for d in shape),
-                             dtype=_dtype_name(tensor.dtype), **extra)
+    batch = kind == "input" and shape.rank and shape[1:].is_fully_defined()
+    if not shape.is_fully_defined() and not batch:
+        what = "axes other than the first" if kind == "input" and shape.rank else "a shape"
+        raise CaptureError(f"{kind} {name!r} has {what} not known when the step is traced ({shape}); tracer "
+                           f"needs them static{': give the input pipeline fixed shapes' if kind == 'input' else ''}")
+    dims = [schema.UNKNOWN_DIM if d is None else int(d) for d in shape]
+    return schema.TensorSpec(kind=kind, name=name, shape=tuple(dims), dtype=_dtype_name(tensor.dtype), **extra)
 
 
 def _input_structure(args, kwargs):
@@ -91,13 +90,17 @@ def check_input_shapes(per_replica_inputs: Sequence[Sequence[Any]], columns: Seq
     A column's shape is the widest local replica's at the first step. A later,
     smaller batch (an epoch's last, partial batch, or a batch split unevenly
     across replicas) fills the first rows of its full-tensor row
-    (``/full/rows``); a larger one or another shape cannot be stored.
+    (``/full/rows``); a larger one or another shape cannot be stored. A column
+    whose batch size was unknown at the first step (``dynamic``) takes batches
+    of any size. A batch whose size is unknown here, for a column of fixed
+    size, is checked by the writer when it arrives.
     """
     for k, spec in enumerate(columns):
         for i, inputs in enumerate(per_replica_inputs):
             shape = inputs[k].shape
-            fits = (shape.is_fully_defined() and shape.rank == len(spec.shape)
-                    and tuple(shape[1:]) == spec.shape[1:] and (not spec.shape or shape[0] <= spec.shape[0]))
+            fits = (shape.rank == len(spec.shape) and shape[1:].is_fully_defined()
+                    and spec.fits((spec.shape[0] if shape[0] is None else shape[0],) + tuple(shape[1:]))
+                    if shape.rank else shape.rank == len(spec.shape))
             if not fits:
                 raise CaptureError(
                     f"input {spec.name!r} has shape {tuple(shape)} on local replica {i}, which does not fit its "

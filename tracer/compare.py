@@ -147,7 +147,7 @@ def estimate_reduction_length(specs: Sequence[schema.TensorSpec], num_replicas: 
     A proxy for the longest dot product or batch sum behind one value; pass
     ``--reduction-length`` when the real one is known.
     """
-    longest = max([max(s.shape) for s in specs if s.shape] or [1])
+    longest = max([max(s.shape) for s in specs if s.shape] or [1])  # a batch of unknown size counts as -1
     return max(1, longest * max(1, num_replicas))
 
 
@@ -215,7 +215,7 @@ class Comparison:
         # They are left out with a note; a global tensor of another shape means
         # another model, which stays an error.
         reshaped = sorted(k for k in common if k[0] not in schema.GLOBAL_KINDS
-                          and (spec_a[k].shape, spec_a[k].dtype) != (spec_b[k].shape, spec_b[k].dtype))
+                          and not schema.same_layout(spec_a[k], spec_b[k]))
         compared = common - set(reshaped)
         if only_a or only_b:
             def names(keys):
@@ -244,15 +244,16 @@ class Comparison:
                                          f"with {a.readers[0].path}. Compare traces of the same model")
         for k in order_keys(a.tensors, common):
             sa, sb = spec_a[k], spec_b[k]
-            if sa.shape != sb.shape or sa.dtype != sb.dtype:
+            if not schema.same_layout(sa, sb):
                 raise TraceMismatchError(
                     f"{b.readers[0].path}: {_label(sb)} has shape {list(sb.shape)} {sb.dtype}, expected "
                     f"{list(sa.shape)} {sa.dtype} as in {a.readers[0].path}. Compare traces of the same model")
         self.keys = order_keys(a.tensors, common)
-        self.specs = [spec_a[k] for k in self.keys]
+        # A batch of unknown size in either run: its size is unknown (-1) when the l2 bound is taken.
+        self.specs = [spec_b[k] if spec_b[k].dynamic else spec_a[k] for k in self.keys]
         self.cols_a = np.array([a.readers[0].column(k) for k in self.keys], dtype=np.int64)
         self.cols_b = np.array([b.readers[0].column(k) for k in self.keys], dtype=np.int64)
-        self.sizes = np.array([max(s.size, 1) for s in self.specs], dtype=np.float64)
+        self.sizes = np.array([s.size if s.dynamic else max(s.size, 1) for s in self.specs], dtype=np.float64)
         self.dtypes = [s.dtype for s in self.specs]
         self.weight_cols = np.array([i for i, s in enumerate(self.specs) if s.kind == "weight"], dtype=np.int64)
         self.only = {"only_in_a": [_key_dict(k) for k in only_a], "only_in_b": [_key_dict(k) for k in only_b]}
@@ -536,7 +537,7 @@ class Comparison:
                       "micro_step": self.specs[c].micro_step} for c in inherited_cols[:20]]
         cause, detail, nonfinite_origin = self._cause(spec, j, k, per_pair, diff)
         next_step = None
-        hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=spec.size, replicas=replicas,
+        hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=diff.size, replicas=replicas,
                             num_replicas=len(self.pairs), first_index=diff.first_index)
         if hint:
             detail, next_step = f"{detail}; {hint}", SINGLE_FAULT_NEXT

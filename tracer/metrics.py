@@ -280,7 +280,9 @@ def stats_bounds(l2a, l2b, mxa, mxb, sizes) -> Tuple[np.ndarray, np.ndarray]:
     """Lower bounds of (max_abs, max_rel) from fingerprint statistics; arrays broadcast."""
     l2a, l2b = np.asarray(l2a, np.float64), np.asarray(l2b, np.float64)
     mxa, mxb = np.asarray(mxa, np.float64), np.asarray(mxb, np.float64)
-    root = np.sqrt(np.maximum(np.asarray(sizes, np.float64), 1.0))
+    sizes = np.asarray(sizes, np.float64)
+    # A size below 0 is unknown (a batch of unknown size): no element count bounds |a-b| from l2.
+    root = np.where(sizes < 0, np.inf, np.sqrt(np.maximum(sizes, 1.0)))
     with np.errstate(invalid="ignore", over="ignore"):
         # Each l2 is within L2_RTOL of the exact norm: only a gap beyond that rounding bounds |a-b|.
         gap = np.abs(l2a - l2b)

@@ -287,7 +287,10 @@ class TraceReader:
         if lengths is None:
             return None
         lengths = lengths.astype(np.int64)
-        whole = np.array([t.shape[0] if t.shape else 0 for t in self.tensors], dtype=np.int64)
+        # A column of unknown batch size (schema 5) has no whole length: any length is checked against
+        # its dataset when read.
+        whole = np.array([np.iinfo(np.int64).max if t.dynamic else t.shape[0] if t.shape else 0
+                          for t in self.tensors], dtype=np.int64)
         bad = np.argwhere((lengths < 0) | (lengths > whole[None, :]) | ((whole == 0)[None, :] & (lengths != 0)))
         if bad.size:
             row, col = (int(v) for v in bad[0])
@@ -455,19 +458,26 @@ class TraceReader:
             return None
         d = self._dataset(name)
         spec = self.tensors[col]
-        if d.shape[1:] != spec.shape:
+        if not spec.fits(d.shape[1:]) or (not spec.dynamic and d.shape[1:] != spec.shape):
             raise self._fail(f"/{name} has shape {d.shape[1:]}, the tensor table says {spec.shape}")
         if row >= d.shape[0]:
             return None
+        length = int(self._lengths[row, col]) if not group and self._lengths is not None else None
+        if spec.dynamic and length is None:
+            raise self._fail(f"/{name} is a batch of unknown size, but /{schema.FULL_ROWS} gives no length for row "
+                             f"{row}")
+        if spec.dynamic and length > d.shape[1]:
+            raise self._fail(f"/{schema.FULL_ROWS} gives length {length} for row {row} of /{name}, which holds "
+                             f"{d.shape[1]}")
         self._check_stored(name, d, 1)
-        if d.chunks is not None and d.chunks[0] == 1 and d.id.get_chunk_info_by_coord(
+        if length != 0 and d.chunks is not None and d.chunks[0] == 1 and d.id.get_chunk_info_by_coord(
                 (row,) + (0,) * (d.ndim - 1)).byte_offset is None:
             # The writer allocates every row it writes; an unallocated one would read as zeros.
             raise self._fail(f"/{name} holds no data for step {step} (row {row}), which the file says it stores; "
                              f"the file is corrupt. Capture the run again")
-        if not group and self._lengths is not None and self._lengths[row, col] < (spec.shape or (0,))[0]:
+        if length is not None and (spec.dynamic or length < (spec.shape or (0,))[0]):
             # A batch shorter than its column (an epoch's last batch): only its first rows are data.
-            return self._read(name, (row, slice(0, int(self._lengths[row, col]))))
+            return self._read(name, (row, slice(0, length)))
         # bfloat16 comes back as raw bit patterns (uint16).
         return self._read(name, row)
 

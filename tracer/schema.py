@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from tracer.errors import TraceFormatError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped on any incompatible change of the layout below.
 
 Version 2 added segments: a resumed job continues a replica's trace in
@@ -51,8 +51,15 @@ would read the row it does not hold as zeros, so it must refuse the files.
 Version 4 added ``/full/rows``: an input batch smaller than its column's shape
 (the last, partial batch of an epoch, or a batch split unevenly across
 replicas) fills only the first rows of its full-tensor row. An older reader
-would return the unwritten rest as data, so it must refuse the files."""
-READABLE_VERSIONS = (1, 2, 3, 4)
+would return the unwritten rest as data, so it must refuse the files.
+
+Version 5 allows an input column whose batch size was not known when the step
+was traced (``shape[0] == -1``, ``UNKNOWN_DIM``): a dataset batched without
+``drop_remainder`` whose iterator is read inside the ``tf.function``. Its
+``/full/<col>`` is (N, L, *shape[1:]), L growing with the longest batch written,
+and ``/full/rows`` gives each row's length. An older reader would reject the
+table, so the version says so first."""
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 """Schema versions this reader accepts (a version-1 file is a run of one segment; versions 1 and 2
 hold every full tensor in the file itself)."""
 
@@ -128,6 +135,9 @@ KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 GLOBAL_KINDS = frozenset({"allreduced_grad", "optimizer_slot", "weight"})
 """Kinds whose values must be bitwise equal on every replica of one run."""
 
+UNKNOWN_DIM = -1
+"""``shape[0]`` of an input column whose batch size varies, unknown when the step was traced (schema 5)."""
+
 SUPPORTED_DTYPES = frozenset({
     "float16", "bfloat16", "float32", "float64",
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
@@ -143,7 +153,8 @@ class TensorSpec:
         name: The tensor's name: the Keras variable path for gradients and
             weights, ``<path>/<slot>`` for optimizer slots, ``loss``, or
             ``batch[<i>]`` for input components.
-        shape: Static shape.
+        shape: Static shape; an input's first axis may be ``UNKNOWN_DIM``
+            (a batch of unknown size, see ``dynamic``).
         dtype: NumPy dtype name.
         variable: Model variable this tensor belongs to ("" if none).
         slot: Optimizer slot name ("" if not a slot).
@@ -169,8 +180,13 @@ class TensorSpec:
         if not isinstance(self.micro_step, int) or isinstance(self.micro_step, bool):
             raise TraceFormatError(f"`micro_step` must be an int. Received: micro_step={self.micro_step!r}")
         shape = tuple(self.shape)
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-            raise TraceFormatError(f"`shape` must hold non-negative ints. Received: shape={self.shape!r}")
+        if any(not isinstance(d, int) or isinstance(d, bool) or (d < 0 and (k or d != UNKNOWN_DIM))
+               for k, d in enumerate(shape)):
+            raise TraceFormatError(f"`shape` must hold non-negative ints (the first may be {UNKNOWN_DIM}). "
+                                   f"Received: shape={self.shape!r}")
+        if shape and shape[0] == UNKNOWN_DIM and self.kind != "input":
+            raise TraceFormatError(f"only an input may have a first axis of unknown length. Received: "
+                                   f"kind={self.kind!r}, shape={self.shape!r}")
         object.__setattr__(self, "shape", shape)
 
     @property
@@ -186,11 +202,27 @@ class TensorSpec:
         return self.name
 
     @property
+    def dynamic(self) -> bool:
+        """Whether the first axis varies from step to step (``shape[0] == UNKNOWN_DIM``)."""
+        return bool(self.shape) and self.shape[0] == UNKNOWN_DIM
+
+    @property
     def size(self) -> int:
+        """Elements in the tensor; ``UNKNOWN_DIM`` (-1) when the first axis varies (``dynamic``)."""
+        if self.dynamic:
+            return UNKNOWN_DIM
         n = 1
         for d in self.shape:
             n *= d
         return n
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether a full tensor of ``shape`` fits this column: only the first axis may be shorter (any
+        length for a ``dynamic`` column)."""
+        shape = tuple(shape)
+        if len(shape) != len(self.shape) or shape[1:] != self.shape[1:]:
+            return False
+        return not shape or self.dynamic or shape[0] <= self.shape[0]
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -209,6 +241,14 @@ class TensorSpec:
             return cls(**{**d, "shape": tuple(d.get("shape", ()))})
         except TypeError as exc:
             raise TraceFormatError(f"tensor record is malformed: {exc}") from exc
+
+
+def same_layout(a: TensorSpec, b: TensorSpec) -> bool:
+    """Whether two runs' columns hold comparable tensors: same dtype and shape, a first axis of unknown
+    length (``dynamic``) matching any length."""
+    if a.dtype != b.dtype or len(a.shape) != len(b.shape) or a.shape[1:] != b.shape[1:]:
+        return False
+    return a.shape[:1] == b.shape[:1] or a.dynamic or b.dynamic
 
 
 def dataflow_sort_key(spec: TensorSpec, position: int) -> Tuple[int, int, int]:

@@ -151,7 +151,7 @@ class SnapshotSearch:
         verdict = self.tol.judge(diff, spec.dtype)
         cause, detail = self._cause(j, step, diff)
         next_step = None
-        hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=spec.size, replicas=replicas,
+        hint = single_fault(kind=spec.kind, n_diff=diff.n_diff, size=diff.size, replicas=replicas,
                             num_replicas=len(self.pairs), first_index=diff.first_index)
         if hint:
             detail, next_step = f"{detail}; {hint}", SINGLE_FAULT_NEXT

@@ -114,9 +114,19 @@ def flatten_attrs(attrs: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+# Chunk of a batch of unknown size (schema.UNKNOWN_DIM): this many bytes along its first axis,
+# so a short batch leaves little of its last chunk unused.
+_DYNAMIC_CHUNK_BYTES = 1 << 16
+
+
 def _full_chunks(shape: Sequence[int], itemsize: int):
     # One step per chunk keeps appends cheap; h5py's guess takes over for
     # tensors beyond HDF5's 4 GiB chunk limit.
+    if shape and shape[0] == schema.UNKNOWN_DIM:
+        entry = itemsize
+        for d in shape[1:]:
+            entry *= max(int(d), 1)
+        return (1, max(1, _DYNAMIC_CHUNK_BYTES // entry)) + tuple(max(int(d), 1) for d in shape[1:])
     nbytes = itemsize
     for d in shape:
         nbytes *= max(int(d), 1)
@@ -252,8 +262,11 @@ class TraceWriter:
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 extra = {"dcpl": dcpl, "fill_time": "never"}
                 self._raw_paths.add(schema.full_path(col, group))
-            d = f.create_dataset(schema.full_path(col, group), shape=(0,) + spec.shape,
-                                 maxshape=(maxrows,) + spec.shape, dtype=dtype, chunks=chunks, **extra)
+            # A batch of unknown size: the first axis grows with the longest batch written.
+            shape = (0,) + spec.shape[1:] if spec.dynamic else spec.shape
+            d = f.create_dataset(schema.full_path(col, group), shape=(0,) + shape,
+                                 maxshape=(maxrows,) + (None,) * spec.dynamic + shape[spec.dynamic:],
+                                 dtype=dtype, chunks=chunks, **extra)
             d.attrs["kind"] = fixed_string(spec.kind)
             d.attrs["name"] = fixed_string(spec.name)
             d.attrs["micro_step"] = spec.micro_step
@@ -594,10 +607,13 @@ class TraceWriter:
                 d[frow] = np.asarray(lengths, dtype=np.int64)
             elif any(n != (self.tensors[col].shape or (0,))[0] for col, n in zip(cols, lengths)):
                 raise TraceWriteError("the initial snapshot's tensors must have their columns' shapes")
-            for col, value in zip(cols, full):
+            for col, value, length in zip(cols, full, lengths):
                 path = schema.full_path(col, group)
                 d = self._dataset(path, chunk_cache=False)
-                d.resize((frow + 1,) + d.shape[1:])
+                if self.tensors[col].dynamic and length > d.shape[1]:
+                    d.resize((frow + 1, length) + d.shape[2:])  # the longest batch so far
+                else:
+                    d.resize((frow + 1,) + d.shape[1:])
                 if col in elsewhere:
                     continue  # unallocated here: another replica's file holds these bytes
                 data = _raw_bytes(d, value) if path in self._raw_paths else None
@@ -629,9 +645,9 @@ class TraceWriter:
         if not spec.shape:
             return 0
         if value is None:
-            return spec.shape[0]
+            return 0 if spec.dynamic else spec.shape[0]
         shape = np.shape(value)
-        if len(shape) != len(spec.shape) or shape[1:] != spec.shape[1:] or shape[0] > spec.shape[0]:
+        if not spec.fits(shape):
             raise TraceWriteError(
                 f"full tensor {spec.label} has shape {shape}, which does not fit its column's {spec.shape} "
                 f"(only the first axis may be shorter, as in a final partial batch)")

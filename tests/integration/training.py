@@ -16,12 +16,15 @@ def dataset(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0):
 
 def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = "adam", lr=1e-2,
           seed: int = 1, accumulate: int = 1, xla: bool = False, watch: bool = True,
-          on_replica_grads: Optional[Callable] = None, data=None, epochs: int = 0) -> Dict[str, np.ndarray]:
+          on_replica_grads: Optional[Callable] = None, data=None, epochs: int = 0,
+          inside: bool = False) -> Dict[str, np.ndarray]:
     """Runs `steps` optimizer steps under `strategy`; returns the final weights by path.
 
     With `epochs`, runs that many passes over the data instead, batched as
     TensorFlow's tutorial does (no drop_remainder): a last, partial batch ends
-    each epoch unless `global_batch` divides the data.
+    each epoch unless `global_batch` divides the data. With `inside` too, the
+    step reads the iterator inside its tf.function, as TensorFlow's multi-worker
+    tutorial does: the batch size is then unknown when the step is traced.
     """
     import keras
     import tensorflow as tf
@@ -72,7 +75,17 @@ def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = 
         per_replica = strategy.run(train_step, args=(inputs,))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    if epochs:
+    @tf.function
+    def step_from(iterator):
+        per_replica = strategy.run(train_step, args=(next(iterator),))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    if epochs and inside:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch).repeat(epochs)
+        it = iter(strategy.experimental_distribute_dataset(ds))
+        for _ in range(epochs * -(-len(x) // global_batch)):
+            step_from(it)
+    elif epochs:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
         for _ in range(epochs):
             for batch in strategy.experimental_distribute_dataset(ds):

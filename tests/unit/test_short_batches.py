@@ -43,7 +43,7 @@ def test_short_batches_read_back_exactly(tmp_path, copy):
     path = tmp_path / "replica-0.h5"
     written = _write(path, copy=copy)
     with h5py.File(path, "r") as f:
-        assert f.attrs[schema.ATTR_SCHEMA] == 4
+        assert f.attrs[schema.ATTR_SCHEMA] == schema.SCHEMA_VERSION
         np.testing.assert_array_equal(f[schema.FULL_ROWS][:, 0], LENGTHS)
         np.testing.assert_array_equal(f[schema.FULL_ROWS][:, 2:], [[0, 4]] * len(LENGTHS))
     with TraceReader(str(path)) as r:

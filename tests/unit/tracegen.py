@@ -66,13 +66,19 @@ class Plant:
     round-off of a sum computed in another order, which is bounded relative to the scale of the terms."""
 
 
+def dynamic_rows(step: int, replica: int) -> int:
+    """Rows of an input batch of unknown size (``TensorSpec.dynamic``) at ``step``; tests may replace it."""
+    return 8
+
+
 def _base(spec: TensorSpec, step: int, replica: int, seed: int, initial: bool = False) -> np.ndarray:
     per_replica = spec.kind not in schema.GLOBAL_KINDS
     key = f"{seed}|{spec.kind}|{spec.name}|{spec.micro_step}|{step}|{replica if per_replica else -1}|{initial}"
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     if spec.name == "iteration":
         return np.asarray(step + (0 if initial else 1), dtype=np.int64)
-    x = rng.standard_normal(spec.shape) + 0.5
+    shape = (dynamic_rows(step, replica),) + spec.shape[1:] if spec.dynamic else spec.shape
+    x = rng.standard_normal(shape) + 0.5
     return np.asarray(x, dtype=spec.dtype)
 
 
