@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
     g.add_argument("--batch-size", type=_positive_int, default=64,
                    help="global batch of one micro-step, over all replicas")
+    g.add_argument("--partial-batches", action="store_true",
+                   help="batch each epoch without drop_remainder, as TensorFlow's multi-worker tutorial does: an "
+                        "epoch whose size --batch-size does not divide ends with a smaller batch, split unevenly "
+                        "across replicas, and the step is traced with batches of unknown size")
     g.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
                    help="micro-batches per optimizer step; gradients are summed, then applied once")
     g.add_argument("--seed", type=_seed_or_none, default=1, metavar="INT|none",
@@ -307,12 +311,14 @@ def _load_data(path: Optional[str]):
         raise UsageError(str(exc)) from exc
 
 
-def _make_dataset(tf, dataset, global_batch: int, shuffle_seed: int):
+def _make_dataset(tf, dataset, global_batch: int, shuffle_seed: int, partial: bool = False):
     """The global-batch input pipeline, sharded per replica by DATA.
 
     Every worker builds the same pipeline (same seed, same order);
     ``experimental_distribute_dataset`` splits each global batch so that each
-    replica consumes a different slice of it.
+    replica consumes a different slice of it. With ``partial``, each epoch is
+    batched on its own without ``drop_remainder``: its last batch may be
+    smaller, and no batch has a static size.
     """
     ds = tf.data.Dataset.from_tensor_slices((dataset.x, dataset.y))
     # tf.data combines the op seed with TensorFlow's global seed: clear it, so the
@@ -320,7 +326,7 @@ def _make_dataset(tf, dataset, global_batch: int, shuffle_seed: int):
     # that seeded TensorFlow before (tests, notebooks).
     tf.random.set_seed(None)
     ds = ds.shuffle(dataset.num_examples, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().batch(global_batch, drop_remainder=True)
+    ds = ds.batch(global_batch).repeat() if partial else ds.repeat().batch(global_batch, drop_remainder=True)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     options.deterministic = True
@@ -405,6 +411,7 @@ def run(args, argv: List[str], launcher, world) -> int:
         "data_sha256": dataset.sha256,
         "batch_size": args.batch_size,
         "accumulate": args.accumulate,
+        "partial_batches": bool(args.partial_batches),
         "steps": args.steps,
         "xla": bool(args.xla),
         "deterministic": bool(args.deterministic),
@@ -432,7 +439,8 @@ def run(args, argv: List[str], launcher, world) -> int:
         # Batches are a pure function of the shuffle seed and their index, so a
         # resumed job skips the ones the steps before `start` consumed.
         iterator = iter(strategy.experimental_distribute_dataset(
-            _make_dataset(tf, dataset, args.batch_size, shuffle_seed).skip(start * args.accumulate)))
+            _make_dataset(tf, dataset, args.batch_size, shuffle_seed, args.partial_batches)
+            .skip(start * args.accumulate)))
         fail_at = _fail_hook(rank)
         if is_chief:
             kind = "MultiWorkerMirroredStrategy" if multi_worker else "MirroredStrategy"

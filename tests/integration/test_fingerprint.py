@@ -42,18 +42,25 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("first_axis", ["static", "unknown"])
 @pytest.mark.parametrize("together", [True, False], ids=["one-call", "call-per-tensor"])
 @pytest.mark.parametrize("use_xla", [True, False], ids=["xla", "no-xla"])
-def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla, together):
+def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla, together, first_axis):
     """One call for all cases takes the path for calls with a non-finite or out-of-range tensor;
-    one call per case takes the one-pass path wherever that case allows it."""
+    one call per case takes the one-pass path wherever that case allows it. With the first axis
+    unknown when traced (a batch of unknown size), every tensor but the scalars takes the run-time
+    shape path, and one call mixes both."""
     import tensorflow as tf
 
     from strategies.fingerprint import fingerprint_all
 
     names = list(CASES)
+    signature = None
+    if first_axis == "unknown":
+        signature = [[tf.TensorSpec([None] * bool(np.ndim(CASES[n])) + list(np.shape(CASES[n])[1:]),
+                                    tf.as_dtype(CASES[n].dtype)) for n in names]]
 
-    @tf.function
+    @tf.function(input_signature=signature)
     def run(tensors):
         if together:
             return fingerprint_all(tensors, use_xla=use_xla)

@@ -135,3 +135,49 @@ def test_two_workers_resumed_from_a_checkpoint_trace_one_run(tmp_path):
         assert run.steps.tolist() == [0, 1, 2, 3]
         assert any("segment 1 from step 2" in n for n in run.notes), run.notes
     assert bisect_main([str(tmp_path / "ref"), str(trace)]) == 0
+
+
+def test_two_workers_with_partial_batches_read_inside_the_step(tmp_path):
+    """--partial-batches: the iterator, read inside the tf.function as in TensorFlow's multi-worker tutorial,
+    gives batches of unknown size, and each epoch of 38 examples ends with a batch of 6. Every step's shards,
+    joined over the workers, are that step's batch; an epoch's batches hold every example once; and tracing
+    changes nothing: the traced job's final weights equal an untraced one's, bit for bit."""
+    from tracer.hashing import tensor_hash
+    from tracer.reader import TraceReader
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((38, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 3, 38).astype(np.int32))
+    common = ["--data", str(tmp_path / "data.npz"), "--batch-size", "16", "--steps", "6", "--partial-batches",
+              "--no-progress"]
+    trace = tmp_path / "trace"
+    proc, _ = mpirun(N, common + ["--capture", "full", "--trace-dir", str(trace),
+                                  "--save-weights", str(tmp_path / "traced.npz")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    proc, _ = mpirun(N, common + ["--no-trace", "--save-weights", str(tmp_path / "untraced.npz")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    with np.load(tmp_path / "traced.npz") as traced, np.load(tmp_path / "untraced.npz") as untraced:
+        assert sorted(traced.files) == sorted(untraced.files)
+        for name in traced.files:
+            np.testing.assert_array_equal(traced[name], untraced[name], err_msg=name)
+
+    readers = [TraceReader(str(trace / f"replica-{i}.h5")) for i in range(N)]
+    try:
+        col = next(c for c, t in enumerate(readers[0].tensors) if t.kind == "input" and len(t.shape) == 2)
+        assert readers[0].tensors[col].shape == (-1, 8)  # features of a batch whose size varies
+        batches = []
+        for step in range(6):
+            shards = [r.full(col, step) for r in readers]
+            for r, shard in zip(readers, shards):
+                assert tensor_hash(shard) == int(r.fingerprints("hash")[step, col])
+            batches.append(np.concatenate(shards))
+        assert [len(b) for b in batches] == [16, 16, 6] * 2
+        for epoch in (batches[:3], batches[3:]):
+            rows = np.concatenate(epoch)
+            np.testing.assert_array_equal(rows[np.lexsort(rows.T[::-1])], x[np.lexsort(x.T[::-1])])
+        kinds = [hashes_by_kind(r) for r in readers]
+        for kind in ("allreduced_grad", "optimizer_slot", "weight"):
+            np.testing.assert_array_equal(kinds[0][kind], kinds[1][kind], err_msg=kind)
+    finally:
+        for r in readers:
+            r.close()
