@@ -32,6 +32,11 @@ MPI2 = Job("mpirun-2-workers", _BASE, mpi=2)
 DET_A = Job("deterministic-a", BASE + ("--deterministic",), isolated=True)
 DET_B = Job("deterministic-b", BASE + ("--deterministic",), isolated=True)
 DET_NO_ONEDNN = Job("deterministic-onednn-off", BASE + ("--deterministic",), env=(("TF_ENABLE_ONEDNN_OPTS", "0"),))
+EPOCH_BATCH = 600
+"""Global batch of scenario 2b: the embedded 4,096 examples make 6 whole batches and one of 496."""
+EPOCH_END_STEP = 6
+WHOLE = Job(f"batch-{EPOCH_BATCH}", ("--replicas", "2", "--steps", str(STEPS), "--batch-size", str(EPOCH_BATCH),
+                                     "--capture", "full"))
 INJECT_FLAGS = ("--replicas", "2", "--steps", "6")
 CLEAN = Job("inject-clean", INJECT_FLAGS, script=INJECT)
 FLIP = Job("inject-bitflip", INJECT_FLAGS + ("--flip-step", str(FAULT_STEP), "--flip-replica", str(FAULT_REPLICA)),
@@ -75,6 +80,10 @@ SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("2", "Seeded vs unseeded shuffling",
              "My weights are seeded and identical, but the runs still drift apart. What else is random?",
              REF, Job("shuffle-none", BASE + ("--shuffle-seed", "none"))),
+    Scenario("2b", "Whole batches vs an epoch's last, partial batch",
+             "I moved to the multi-worker tutorial's input pipeline (batch without drop_remainder, iterator read "
+             "in the step). Same data, same seeds: why do the runs part a few steps in?",
+             WHOLE, Job(f"batch-{EPOCH_BATCH}-partial", WHOLE.flags + ("--partial-batches",))),
     Scenario("3", "XLA on vs off",
              "Does turning on XLA (jit_compile) change my training?",
              REF, Job("xla", BASE + ("--xla",))),

@@ -28,6 +28,15 @@ initializer). The environment diff shows `seeds.weights: 1 -> 'none'`.
 batch, so the cause is `data`: everything after it (loss, gradients, weights) is `inherited`. An unseeded
 `Dataset.shuffle` draws a new order in every run; the environment diff shows the seed that was drawn.
 """,
+    "2b": """**What it teaches.** The runs are bitwise identical while both read whole batches; the first
+difference is the input at step 6, where the epoch ends: 4,096 examples make six batches of 600, and then
+one pipeline batches the epoch's last 496 examples on their own while the other fills a batch of 600 with the
+first examples of the next epoch. The cause is `data`, and the magnitude line says the shapes differ: each
+replica's shard is 248 rows against 300, and the first 248 rows of replica 0 still agree (first differing
+index (248, 0)), since both runs start that batch with the same examples. The
+partial batch's input is traced although its size was unknown when the step was traced (its column's first
+axis is `-1`), so the comparison with the whole-batch run still covers the inputs.
+""",
     "3": """**What it teaches.** On this machine XLA is *not* bitwise neutral: with the same inputs and the same
 weights, the fused XLA kernels give a gradient a few ULP away from the default kernels, at the very first step.
 The first differing tensor is the gradient of the last layer's bias (the start of backprop), so the cause is

@@ -28,6 +28,20 @@ def test_2_unseeded_shuffle_is_data_at_step_0(outcome, workspace):
     assert diff["snapshot"] == "step" and diff["step"] == 0 and truth.kinds_at(diff)[0] == "input"
 
 
+def test_2b_an_epochs_partial_batch_is_data_where_the_epoch_ends(outcome, workspace):
+    o = outcome("2b")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "data"
+    assert (f["snapshot"], f["step"], f["kind"], f["tensor"]) == ("step", catalog.EPOCH_END_STEP, "input",
+                                                                  "batch[0/0]")
+    # 496 examples over 2 replicas against 600: the shapes differ, and the report says so.
+    assert f["shapes"] == [[catalog.EPOCH_BATCH // 2, 64], [496 // 2, 64]], f
+    s = catalog.by_id("2b")
+    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
+    assert diff["snapshot"] == "step" and diff["step"] == catalog.EPOCH_END_STEP
+    assert truth.kinds_at(diff)[0] == "input"
+
+
 @pytest.mark.parametrize("scenario_id, step, tensor", [
     ("4a", 0, "mlp/dense_0/kernel"),  # epsilon: Adam's moments are equal, the update is not
     ("4b", 0, "learning_rate"),

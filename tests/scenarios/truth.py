@@ -23,6 +23,13 @@ def readers(run_dir) -> List[TraceReader]:
     return [TraceReader(p) for p in paths]
 
 
+def _comparable(a, b) -> bool:
+    """Same dtype and shape; a first axis of -1 (a batch of unknown size) matches any."""
+    if a.dtype != b.dtype or len(a.shape) != len(b.shape) or a.shape[1:] != b.shape[1:]:
+        return False
+    return a.shape[:1] == b.shape[:1] or -1 in a.shape[:1] + b.shape[:1]
+
+
 def first_difference(a_dir, b_dir) -> Optional[Dict]:
     """``{"snapshot", "step", "diffs": [(kind, tensor, micro_step, replica, column)]}`` of the first difference.
 
@@ -35,7 +42,7 @@ def first_difference(a_dir, b_dir) -> Optional[Dict]:
         kinds = set(KIND_ORDER) if len(ra) == len(rb) else set(GLOBAL_KINDS)
         spec_b = {t.key: t for t in rb[0].tensors}
         keys = [t.key for t in ra[0].tensors if t.kind in kinds and t.key in spec_b
-                and (t.shape, t.dtype) == (spec_b[t.key].shape, spec_b[t.key].dtype)]
+                and _comparable(t, spec_b[t.key])]
         diffs = []
         for pa, pb in pairs:
             ia = {pa.tensors[c].key: j for j, c in enumerate(pa.initial_columns)}
