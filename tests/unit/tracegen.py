@@ -185,3 +185,17 @@ def _stack(fps) -> List[np.ndarray]:
     cols = list(zip(*fps))
     return [np.array([int(h) for h in cols[0]], dtype=np.uint64)] + [
         np.array(c, dtype=d) for c, (_, d) in zip(cols[1:], schema.STATS[1:])]
+
+
+def assert_full_reads_back(reader, written) -> None:
+    """Every full tensor ``written[step][col]`` reads back with its shape and bits, and hashes to its fingerprint."""
+    from tracer.hashing import tensor_hash
+
+    hashes = reader.fingerprints("hash")
+    for step, arrays in enumerate(written):
+        for col, expected in enumerate(arrays):
+            got = reader.full(col, step)
+            assert got.shape == np.shape(expected), (step, col)
+            np.testing.assert_array_equal(got, expected)
+            # The bytes read back are the bytes that were fingerprinted.
+            assert tensor_hash(got) == int(hashes[step, col])
