@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from tensorflow.python.distribute import values as tf_values
+from tensorflow.python.ops import resource_variable_ops
 
 from tracer.errors import CaptureError
 
@@ -49,15 +50,31 @@ def _ref(tensor: Any):
 class StepCapture:
     """Tensors recorded while one ``strategy.run`` call was traced, per local replica.
 
+    An update made in a graph nested in the step's (a conditional update, as
+    ``LossScaleOptimizer`` makes: it applies only when the gradients are
+    finite; or ``apply_gradients`` inside a nested ``tf.function``) produces
+    tensors the step cannot read. There, the gradient is also assigned to a
+    stash variable on the replica's device, and the step reads the stash after
+    ``run`` (automatic control dependencies order the read after the update).
+
     Args:
         num_local: Replicas in this process.
         var_paths: ``id(tf variable) -> Keras variable path`` of the watched
             trainable variables.
+        devices: The local replicas' devices (for the stash variables).
+        stash: ``(replica, kind, path) -> variable``, kept by the session
+            across traces, so that retracing the step reuses its stash.
     """
 
-    def __init__(self, num_local: int, var_paths: Dict[int, str]):
+    def __init__(self, num_local: int, var_paths: Dict[int, str], devices: Sequence[str] = (),
+                 stash: Optional[Dict[Tuple[int, str, str], Any]] = None):
         self.num_local = num_local
         self._var_paths = var_paths
+        self._devices = list(devices)
+        self._stash = stash if stash is not None else {}
+        self._graph = tf.compat.v1.get_default_graph()
+        self.stashed = False
+        """Whether some update was made in a nested graph (it may not have run: see ``TraceSession.emit``)."""
         self._lock = threading.Lock()
         # ref(all-reduce output component) -> (local replica, all-reduce input component)
         self._reduced: Dict[Any, Tuple[int, Any]] = {}
@@ -91,8 +108,35 @@ class StepCapture:
                 hit = self._reduced.get(_ref(_source(g)))
                 if hit is None or hit[0] != local:
                     continue
-                self.local_grads[local][path] = hit[1]
-                self.applied_grads[local][path] = g
+                self.local_grads[local][path] = self._reachable(local, "local_grad", path, hit[1])
+                self.applied_grads[local][path] = self._reachable(local, "allreduced_grad", path, g)
+
+    def _reachable(self, replica: int, kind: str, path: str, tensor: Any) -> Any:
+        """``tensor`` if the step's graph can read it, else its stash variable (see the class doc)."""
+        if getattr(tensor, "graph", self._graph) is self._graph or not self._devices:
+            return tensor
+        key = (replica, kind, path)
+        var = self._stash.get(key)
+        if var is None:
+            with tf.init_scope(), tf.device(self._devices[replica]):
+                # A plain resource variable: not a distributed variable of the strategy in scope.
+                var = resource_variable_ops.ResourceVariable(
+                    tf.zeros(tensor.shape, tensor.dtype), trainable=False,
+                    name=f"tracer_stash_{kind}_{replica}_{len(self._stash)}")
+            self._stash[key] = var
+        with tf.device(self._devices[replica]):
+            var.assign(tensor)
+        self.stashed = True
+        return var
+
+    def read_stash(self) -> None:
+        """In the step's graph, after ``run``: replace each stash variable by a read of it."""
+        for per_replica in (self.local_grads, self.applied_grads):
+            for i, grads in enumerate(per_replica):
+                for path, value in grads.items():
+                    if isinstance(value, resource_variable_ops.BaseResourceVariable):
+                        with tf.device(self._devices[i]):
+                            grads[path] = value.read_value()
 
     def note_micro_step(self, replica: int, grads: Sequence[Any]) -> None:
         with self._lock:

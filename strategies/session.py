@@ -144,6 +144,7 @@ class TraceSession:
         self.writers: List[TraceWriter] = []
         self.tensors: Optional[List[schema.TensorSpec]] = None
         self._var_paths: Dict[int, str] = {}
+        self._stash: Dict[Tuple[int, str, str], Any] = {}  # see StepCapture
         self._closed = False
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -195,9 +196,10 @@ class TraceSession:
         """(tensor name, owning variable, slot, variable) for every optimizer variable but the LR."""
         out = []
         opt = self.optimizer
-        lr_var = getattr(opt, "_learning_rate", None)
+        # A wrapper (LossScaleOptimizer) has its inner optimizer's learning rate.
+        lr_vars = [getattr(o, "_learning_rate", None) for o in (opt, getattr(opt, "inner_optimizer", None)) if o]
         for v in opt.variables:
-            if v is lr_var:
+            if any(v is lr for lr in lr_vars if lr is not None):
                 continue  # recorded as the learning rate in effect, see _learning_rate
             if v is opt.iterations:
                 out.append(("iteration", "", "iteration", v))
@@ -275,7 +277,8 @@ class TraceSession:
             raise CaptureError("call strategy.watch(model, optimizer) once after building them, "
                                "before the first strategy.run")
         _, _, n_local, _ = self._topology()
-        return StepCapture(n_local, self._var_paths)
+        return StepCapture(n_local, self._var_paths, devices=list(self._strategy.extended.worker_devices)[:n_local],
+                           stash=self._stash)
 
     @_no_autograph
     def read_step(self) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -289,6 +292,7 @@ class TraceSession:
             return  # this run() did not step the optimizer (e.g. an evaluation step)
         trainable = [v.path for v in self.model.trainable_variables]
         capture.check_complete(trainable)
+        capture.read_stash()
         graph = tf.compat.v1.get_default_graph()
         if any(getattr(g, "graph", graph) is not graph for g in capture.applied_grads[0].values()):
             # The optimizer ran inside a nested tf.function (e.g. jit_compile=True
@@ -322,7 +326,27 @@ class TraceSession:
             with tf.device(device):
                 flat_fps += fingerprint_all(tensors)
             flat_full += tensors
-        self._add_callbacks(step, flat_fps, flat_full)
+        if not capture.stashed:
+            self._add_callbacks(step, flat_fps, flat_full)
+            return
+        # The update was made in a nested graph, maybe conditionally (LossScaleOptimizer skips it when
+        # the gradients are not finite): a step whose update did not happen has no row (rows are
+        # numbered by optimizer step, and the next update is this step again); the trace records the skip.
+        updated = tf.not_equal(tf.cast(self.optimizer.iterations, tf.int64), step)
+
+        def write():
+            self._add_callbacks(step, flat_fps, flat_full)
+            return tf.zeros([], tf.int64)
+
+        def skipped():
+            return tf.numpy_function(self._on_skipped, [step], tf.int64, stateful=True, name="tracer_skipped")
+
+        tf.cond(updated, write, skipped)
+
+    def _on_skipped(self, step) -> np.int64:
+        for writer in self.writers:
+            writer.write_skipped(int(step))
+        return np.int64(0)
 
     @staticmethod
     def _pick_loss(value):

@@ -281,6 +281,15 @@ class Comparison:
             self.notes.append(message)
         self.steps_info = {"count": int(steps.size), "first": int(steps[0]), "last": int(steps[-1]),
                            "a": _range_list(sa), "b": _range_list(sb), "overlap_only": bool(partial)}
+        skipped_a, skipped_b = self.a.readers[0].skipped_steps(), self.b.readers[0].skipped_steps()
+        if not np.array_equal(skipped_a, skipped_b):
+            # A skipped update consumed a batch without a row: from there on, the same optimizer step
+            # of the two runs saw different batches (the first difference is then `data`).
+            self.notes.append(
+                f"the runs skipped different updates (the optimizer did not step, as LossScaleOptimizer does "
+                f"when the gradients are not finite): A at {_skips(skipped_a)}, B at {_skips(skipped_b)}. Rows "
+                f"are numbered by optimizer step, so after the first skip only one run made, the runs' "
+                f"steps of the same number consumed different batches")
 
     # ------------------------------------------------------------------ reads
     def _block(self, reader: TraceReader, stat: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -656,6 +665,16 @@ class _Growth:
 
 def _key_dict(k) -> Dict[str, Any]:
     return {"kind": k[0], "tensor": k[1], "micro_step": k[2]}
+
+
+def _skips(steps: np.ndarray) -> str:
+    """``[0, 0, 3]`` as "steps 0 (2x), 3"; "no step" when empty."""
+    if not steps.size:
+        return "no step"
+    values, counts = np.unique(steps, return_counts=True)
+    shown = [f"{v} ({c}x)" if c > 1 else f"{v}" for v, c in zip(values[:8].tolist(), counts[:8].tolist())]
+    more = f" and {values.size - 8} more" if values.size > 8 else ""
+    return ("step " if values.size == 1 else "steps ") + ", ".join(shown) + more
 
 
 def _range(steps: np.ndarray) -> str:

@@ -425,6 +425,13 @@ class TraceReader:
             stop = min(start + chunk_rows, self._n_rows)
             yield start, self.steps(start, stop), self.fingerprints(stat, start, stop)
 
+    def skipped_steps(self) -> np.ndarray:
+        """Optimizer steps of the ``strategy.run`` calls whose update was skipped (``/skipped``; empty if none)."""
+        if not self._has(schema.SKIPPED):
+            return np.zeros((0,), dtype=np.int64)
+        d = self._dataset(schema.SKIPPED, ndim=1, kinds="iu")
+        return np.asarray(self._read(schema.SKIPPED, slice(0, d.shape[0])), dtype=np.int64)
+
     def full_steps(self, group: str = "") -> np.ndarray:
         """Steps that have full tensors (``group=schema.INITIAL`` for the initial snapshot)."""
         base = f"{group}/{schema.FULL}" if group else schema.FULL

@@ -17,6 +17,7 @@ Layout of ``<trace_dir>/replica-<global replica index>.h5`` (and of its segments
     /full/stored_in         int32 (N, T)    replica whose file holds row n of /full/<col> (schema 3)
     /full/rows              int64 (N, T)    leading-axis length stored in row n of /full/<col> (schema 4)
     /full/<col>             (N, *shape)     full tensor of column <col>
+    /skipped                int64 (K,)      steps whose update was skipped (schema 5, see SKIPPED)
     /initial/...            same layout for the state before the first update
 
 Steps are numbered by the optimizer's iteration counter *before* the update: row
@@ -117,6 +118,10 @@ on this replica (an epoch's last, partial batch, or a batch split unevenly acros
 row then holds that many entries and the rest of it is not data. 0 for a scalar column. Files of
 schema 1-3 have no such dataset: every row is whole."""
 INITIAL = "initial"
+SKIPPED = "skipped"
+"""int64 (K,), schema 5: the optimizer step of each ``strategy.run`` whose update did not happen
+(``LossScaleOptimizer`` skips the update when the gradients are not finite). Such a run has no row: the
+next update is the same optimizer step. Absent in older files (no skip was recorded)."""
 
 STATS: Tuple[Tuple[str, str], ...] = (
     ("hash", "uint64"),

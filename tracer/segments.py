@@ -299,6 +299,11 @@ class JoinedReader:
             return self._pieces[int(self._piece_of_row[row])]
         return None
 
+    def skipped_steps(self) -> np.ndarray:
+        """Steps of the updates each segment skipped (``/skipped``), in segment order."""
+        parts = [p.reader.skipped_steps() for p in self._pieces]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def full_steps(self, group: str = "") -> np.ndarray:
         """Steps with full tensors: the first segment's ``/initial``, or each kept row's own segment."""
         if group == schema.INITIAL:

@@ -228,6 +228,7 @@ class TraceWriter:
                              dtype=np.int32, chunks=(64, max(ncols, 1)))
             f.create_dataset(schema.FULL_ROWS, shape=(0, ncols), maxshape=(None, ncols if ncols else None),
                              dtype=np.int64, chunks=(64, max(ncols, 1)))
+            f.create_dataset(schema.SKIPPED, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
             f.swmr_mode = True
         except BaseException:
             f.close()
@@ -343,6 +344,15 @@ class TraceWriter:
         self._last_step = last
         self._put(("steps", None, rows, None, False))
 
+    def write_skipped(self, step: int) -> None:
+        """Record that a ``strategy.run`` at optimizer step ``step`` made no update (``/skipped``).
+
+        Its step gets no row: the next update is this step again.
+        """
+        if self._last_step is not None and int(step) <= self._last_step:
+            raise TraceWriteError(f"{self.path}: an update skipped at step {step} follows step {self._last_step}")
+        self._put(("skipped", int(step), None, None, False))
+
     def _next_step(self, step: int, last: Optional[int]) -> int:
         """``step``, if it may follow ``last``: steps strictly increase."""
         if last is not None and step <= last:
@@ -455,6 +465,11 @@ class TraceWriter:
                     if op == "flush":
                         self._flush()
                         since_flush = 0
+                        continue
+                    if op == "skipped":
+                        d = self._dataset(schema.SKIPPED)
+                        d.resize((d.shape[0] + 1,))
+                        d[-1] = step
                         continue
                     if op == "steps":  # fingerprint rows only (write_steps): nothing raw to write
                         raw = []

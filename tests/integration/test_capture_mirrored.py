@@ -336,3 +336,39 @@ def test_optimizer_inside_a_nested_function_is_a_clear_error(tf_cpus, tmp_path):
     with pytest.raises(CaptureError, match="nested tf.function"):
         step(tf.ones((2, 4)))
     strategy.close()
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 15, 2.0 ** 22], ids=["every-update-applied", "updates-skipped"])
+def test_loss_scaling_mixed_precision_traces_the_updates_it_applies(tf_cpus, tmp_path, scale):
+    """mixed_float16 with a LossScaleOptimizer, which applies the update inside a conditional (only when the
+    gradients are finite). The trace holds what was applied: the all-reduced gradient is the sum of the two
+    replicas' local ones, bit for bit. A skipped update has no row (the next update is the same optimizer
+    step) and is listed in /skipped; training is unchanged either way."""
+    import tensorflow as tf
+
+    calls = 6
+    traced = training.train(_traced(tf_cpus, tmp_path, mode="full"), steps=calls, loss_scale=scale)
+    untraced = training.train(tf.distribute.MirroredStrategy(tf_cpus[:2]), steps=calls, loss_scale=scale)
+    for path, value in untraced.items():
+        # Bits, not values: a skipped-update run may hold NaN.
+        np.testing.assert_array_equal(traced[path].view(np.uint8), value.view(np.uint8), err_msg=path)
+    r0, r1 = (TraceReader(p) for p in training.files(tmp_path))
+    try:
+        steps, skipped = r0.steps(), r0.skipped_steps()
+        assert len(steps) + len(skipped) == calls
+        assert bool(len(skipped)) == (scale > 2.0 ** 15), skipped
+        assert list(steps) == list(range(len(steps)))  # one row per applied update, numbered by it
+        assert np.array_equal(r1.skipped_steps(), skipped)
+        names = {t.name for t in r0.tensors if t.kind == "optimizer_slot"}
+        # The loss scale is a slot; the inner optimizer's learning rate is the one `learning_rate` records.
+        assert "loss_scale/dynamic_scale" in names and not any(n.endswith("/learning_rate") for n in names), names
+        for col, spec in enumerate(r0.tensors):
+            if spec.kind != "allreduced_grad":
+                continue
+            local = r0.column(("local_grad", spec.name, -1))
+            for step in steps:
+                total = r0.full(local, int(step)) + r1.full(local, int(step))
+                np.testing.assert_array_equal(r0.full(col, int(step)), total, err_msg=f"{spec.name} {step}")
+    finally:
+        r0.close()
+        r1.close()

@@ -17,7 +17,7 @@ def dataset(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0):
 def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = "adam", lr=1e-2,
           seed: int = 1, accumulate: int = 1, xla: bool = False, watch: bool = True,
           on_replica_grads: Optional[Callable] = None, data=None, epochs: int = 0,
-          inside: bool = False) -> Dict[str, np.ndarray]:
+          inside: bool = False, loss_scale: Optional[float] = None) -> Dict[str, np.ndarray]:
     """Runs `steps` optimizer steps under `strategy`; returns the final weights by path.
 
     With `epochs`, runs that many passes over the data instead, batched as
@@ -25,20 +25,32 @@ def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = 
     each epoch unless `global_batch` divides the data. With `inside` too, the
     step reads the iterator inside its tf.function, as TensorFlow's multi-worker
     tutorial does: the batch size is then unknown when the step is traced.
+    With `loss_scale`, the model computes in float16 (Keras' mixed_float16
+    policy) and the optimizer is wrapped in a LossScaleOptimizer starting at
+    that scale, which skips the updates whose gradients are not finite.
     """
     import keras
     import tensorflow as tf
 
     x, y = data if data is not None else dataset()
+    policy = keras.mixed_precision.global_policy()
     with strategy.scope():
         keras.utils.set_random_seed(seed)
-        # Explicit names: Keras numbers auto-named layers per process, and these
-        # tests build several models in one process.
-        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="relu", name="hidden"),
-                                  keras.layers.Dense(3, name="logits")], name="mlp")
+        if loss_scale:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            # Explicit names: Keras numbers auto-named layers per process, and these
+            # tests build several models in one process.
+            model = keras.Sequential([keras.Input((x.shape[1],)),
+                                      keras.layers.Dense(16, activation="relu", name="hidden"),
+                                      keras.layers.Dense(3, name="logits", dtype="float32")], name="mlp")
+        finally:
+            keras.mixed_precision.set_global_policy(policy)  # the layers keep theirs
         opt = {"adam": lambda: keras.optimizers.Adam(lr),
                "sgd": lambda: keras.optimizers.SGD(lr),
                "momentum": lambda: keras.optimizers.SGD(lr, momentum=0.9)}[optimizer]()
+        if loss_scale:
+            opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=loss_scale, name="loss_scale")
         opt.build(model.trainable_variables)
     if watch and hasattr(strategy, "watch"):
         strategy.watch(model, opt)
@@ -47,7 +59,8 @@ def train(strategy, *, steps: int = 4, global_batch: int = 16, optimizer: str = 
     def grads_of(xb, yb):
         with tf.GradientTape() as tape:
             loss = tf.nn.compute_average_loss(loss_obj(yb, model(xb, training=True)), global_batch_size=global_batch)
-        return loss, tape.gradient(loss, model.trainable_variables)
+            scaled = opt.scale_loss(loss) if loss_scale else loss
+        return loss, tape.gradient(scaled, model.trainable_variables)
 
     if xla:
         grads_of = tf.function(grads_of, jit_compile=True)

@@ -137,7 +137,7 @@ def _value(specs, j, step, replica, seed, plants, initial=False) -> np.ndarray:
 def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[Plant] = (), seed: int = 0,
               tensors: Optional[Sequence[TensorSpec]] = None, first_step: int = 0, full: bool = False,
               full_every: int = 1, attrs: Optional[Dict] = None, run_id: str = "run",
-              reverse_columns: bool = False, share_full: bool = True) -> str:
+              reverse_columns: bool = False, share_full: bool = True, skipped: Sequence[int] = ()) -> str:
     """Write ``replicas`` trace files into ``run_dir``; returns ``run_dir``.
 
     ``tensors`` are in dataflow order; ``reverse_columns`` writes the kinds in
@@ -148,6 +148,9 @@ def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[P
     With ``share_full`` the replicas are the local replicas of one worker, as
     the capture side writes them: a full tensor of a global kind whose hash
     equals replica 0's at that step is kept only in ``replica-0.h5``.
+
+    ``skipped`` lists steps whose update was skipped (once per occurrence), as a
+    LossScaleOptimizer does: recorded before that step's row.
     """
     specs = list(tensors or model_tensors())
     order = list(range(len(specs)))
@@ -172,6 +175,8 @@ def write_run(run_dir, *, steps: int = 12, replicas: int = 2, plants: Sequence[P
             init = [_value(specs, order[c], first_step, r, seed, plants, initial=True) for c in cols]
             w.write_initial(first_step, _stack([fingerprint(x) for x in init]), init if full else None)
             for s in range(first_step, first_step + steps):
+                for _ in range(list(skipped).count(s)):
+                    w.write_skipped(s)
                 vals = [_value(specs, j, s, r, seed, plants) for j in order]
                 fps = _stack([fingerprint(x) for x in vals])
                 if r == 0:
