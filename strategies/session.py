@@ -294,12 +294,12 @@ class TraceSession:
         capture.check_complete(trainable)
         capture.read_stash()
         graph = tf.compat.v1.get_default_graph()
-        if any(getattr(g, "graph", graph) is not graph for g in capture.applied_grads[0].values()):
-            # The optimizer ran inside a nested tf.function (e.g. jit_compile=True
-            # around apply_gradients): its tensors cannot leave that function.
+        if any(getattr(g, "graph", graph) is not graph for steps in capture.micro_steps for grads in steps
+               for g in grads):
+            # Gradients handed to record_micro_step inside a nested tf.function cannot leave it.
             raise CaptureError(
-                "apply_gradients ran inside a nested tf.function, whose tensors the tracer cannot read; "
-                "compile the forward and backward pass with jit_compile=True and call apply_gradients outside it")
+                "record_micro_step was called inside a nested tf.function, whose tensors the tracer cannot read; "
+                "call it in the replica function itself, with the gradients the nested function returns")
         _, _, n_local, _ = self._topology()
         per_replica_inputs = []
         per_replica_loss = []
