@@ -14,7 +14,7 @@ DEFAULT_HIDDEN = (128, 128)
 
 
 def build_model(num_features: int, num_classes: int, *, seed: Optional[int],
-                hidden: Sequence[int] = DEFAULT_HIDDEN) -> keras.Model:
+                hidden: Sequence[int] = DEFAULT_HIDDEN, mixed_precision: bool = False) -> keras.Model:
     """An MLP ``num_features -> hidden... -> num_classes`` returning logits.
 
     Every initializer gets its own integer seed derived from ``seed``, so the
@@ -29,6 +29,9 @@ def build_model(num_features: int, num_classes: int, *, seed: Optional[int],
         num_classes: Number of output logits.
         seed: Weight-initialization seed, or ``None`` for unseeded.
         hidden: Widths of the hidden ReLU layers.
+        mixed_precision: Compute the hidden layers in float16 (Keras'
+            ``mixed_float16`` policy: float32 variables, float16 math); the
+            logits stay float32, as Keras' mixed-precision guide advises.
 
     Returns:
         A built ``keras.Sequential`` named ``"mlp"``.
@@ -40,13 +43,14 @@ def build_model(num_features: int, num_classes: int, *, seed: Optional[int],
     def init_seed(i: int) -> Optional[int]:
         return None if seed is None else seed * 1000 + 2 * i
 
+    policy = "mixed_float16" if mixed_precision else None  # None: the global policy (float32 by default)
     layers = [keras.Input(shape=(num_features,), name="features")]
     for i, width in enumerate(hidden):
         layers.append(keras.layers.Dense(
-            width, activation="relu", name=f"dense_{i}",
+            width, activation="relu", name=f"dense_{i}", dtype=policy,
             kernel_initializer=keras.initializers.GlorotUniform(seed=init_seed(i)),
             bias_initializer="zeros"))
     layers.append(keras.layers.Dense(
-        num_classes, name="logits",
+        num_classes, name="logits", dtype="float32" if mixed_precision else None,
         kernel_initializer=keras.initializers.GlorotUniform(seed=init_seed(len(hidden)))))
     return keras.Sequential(layers, name="mlp")

@@ -61,6 +61,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _loss_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, such as 32768. Received: {text!r}")
+    return value
+
+
 def _seed_or_none(text: str) -> Optional[int]:
     """``--seed`` and ``--shuffle-seed``: an integer, or ``none`` for unseeded."""
     if text.lower() == "none":
@@ -120,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epsilon of adam/adamw/rmsprop/adagrad (default: Keras')")
     g.add_argument("--data", metavar="PATH.npz", help="arrays x (N x F) and y (N,); default: embedded")
     g = p.add_argument_group("numerics and distribution")
+    g.add_argument("--mixed-precision", action="store_true",
+                   help="float16 math in the hidden layers (Keras' mixed_float16 policy) with a LossScaleOptimizer, "
+                        "which skips the updates whose gradients overflow and adjusts its loss scale")
+    g.add_argument("--loss-scale", type=_loss_scale, default=None, metavar="S",
+                   help="initial loss scale of --mixed-precision (default: Keras' 32768); a large one makes the "
+                        "first updates overflow and be skipped")
     g.add_argument("--xla", action=argparse.BooleanOptionalAction, default=False,
                    help="jit-compile each replica's forward and backward pass")
     g.add_argument("--deterministic", action="store_true", help="tf.config.experimental.enable_op_determinism()")
@@ -383,6 +399,9 @@ def run(args, argv: List[str], launcher, world) -> int:
                                     epsilon=args.adam_epsilon)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.loss_scale is not None and not args.mixed_precision:
+        raise UsageError(f"--loss-scale applies to --mixed-precision runs; add --mixed-precision or drop "
+                         f"--loss-scale. Received: --loss-scale {args.loss_scale:g}")
     dataset = _load_data(args.data)
     trace_dir, shuffle_seed = _shared_choices(args, launcher, world)
 
@@ -412,6 +431,8 @@ def run(args, argv: List[str], launcher, world) -> int:
         "batch_size": args.batch_size,
         "accumulate": args.accumulate,
         "partial_batches": bool(args.partial_batches),
+        "mixed_precision": bool(args.mixed_precision),
+        "loss_scale": "none" if not args.mixed_precision else args.loss_scale or "default",
         "steps": args.steps,
         "xla": bool(args.xla),
         "deterministic": bool(args.deterministic),
@@ -425,9 +446,13 @@ def run(args, argv: List[str], launcher, world) -> int:
         num_replicas = strategy.num_replicas_in_sync
         _check_batch(args.batch_size, num_replicas)
         with strategy.scope():
-            model = build_model(dataset.num_features, dataset.num_classes, seed=args.seed)
+            model = build_model(dataset.num_features, dataset.num_classes, seed=args.seed,
+                                mixed_precision=args.mixed_precision)
             optimizer = optim.build_optimizer(args.optimizer, lr=args.lr, schedule=args.lr_schedule,
                                               epsilon=args.adam_epsilon)
+            if args.mixed_precision:
+                scale = {} if args.loss_scale is None else {"initial_scale": args.loss_scale}
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale", **scale)
             optimizer.build(model.trainable_variables)
         traced = not args.no_trace
         if traced:
@@ -466,6 +491,8 @@ def run(args, argv: List[str], launcher, world) -> int:
                 if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                     checkpoints.save(step + 1)
             checkpoints.save(max(start, args.steps))
+        # A LossScaleOptimizer skips the updates whose gradients overflow: the step ran, the optimizer did not.
+        skipped = max(0, (args.steps - start) - (int(optimizer.iterations.numpy()) - start))
         if args.save_weights and is_chief:
             import numpy as np
 
@@ -476,7 +503,7 @@ def run(args, argv: List[str], launcher, world) -> int:
     if world is not None:
         world.barrier()  # every rank has closed its file before rank 0 reports
     if is_chief:
-        _report(args, argv, launcher, world, trace_dir, loss)
+        _report(args, argv, launcher, world, trace_dir, loss, skipped)
     return 0
 
 
@@ -556,7 +583,10 @@ def _make_train_step(tf, keras, strategy, model, optimizer, args, traced: bool):
             logits = model(x, training=True)
             per_example_loss = loss_object(y, logits)
             loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=examples_per_step)
-        return loss, tape.gradient(loss, model.trainable_variables)
+            # Under --mixed-precision the gradients are of the scaled loss; the LossScaleOptimizer
+            # unscales them, and skips the update if any overflowed.
+            scaled = optimizer.scale_loss(loss) if args.mixed_precision else loss
+        return loss, tape.gradient(scaled, model.trainable_variables)
 
     if args.xla:
         # Only the replica's own computation is compiled: apply_gradients
@@ -584,9 +614,12 @@ def _make_train_step(tf, keras, strategy, model, optimizer, args, traced: bool):
     return train_step
 
 
-def _report(args, argv: List[str], launcher, world, trace_dir: str, loss: float) -> None:
+def _report(args, argv: List[str], launcher, world, trace_dir: str, loss: float, skipped: int = 0) -> None:
     """Rank 0's closing lines: where the trace is and what to run next."""
     print(f"train.py: done, {args.steps} steps, final loss {loss:.6f}")
+    if skipped:
+        print(f"loss scale: {skipped} of {args.steps} updates skipped (gradients not finite); the optimizer "
+              f"is at step {args.steps - skipped}")
     if args.save_weights:
         print(f"final weights: {os.path.abspath(args.save_weights)}")
     if args.no_trace or args.capture == "off":

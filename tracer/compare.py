@@ -268,9 +268,12 @@ class Comparison:
             steps, i_common, i_n = np.intersect1d(steps, self.noise.steps, assume_unique=True, return_indices=True)
             ia, ib, self.idx_n = ia[i_common], ib[i_common], i_n
         if steps.size == 0:
+            skips = [f"; {name} skipped every update it tried ({_skips(k)})" for name, run, have in
+                     (("A", self.a, sa), ("B", self.b, sb)) if not have.size
+                     for k in [run.readers[0].skipped_steps()] if k.size]
             raise TraceMismatchError(
                 f"{self.b.readers[0].path}: no step in common with {self.a.readers[0].path} "
-                f"(A has {_range(sa)}, B has {_range(sb)}). Compare runs that overlap in steps")
+                f"(A has {_range(sa)}, B has {_range(sb)}{''.join(skips)}). Compare runs that overlap in steps")
         self.idx_a, self.idx_b, self.common_steps = ia, ib, steps
         partial = steps.size != sa.size or steps.size != sb.size
         if partial:
@@ -494,7 +497,8 @@ class Comparison:
         return Finding(step=step, kind=spec.kind, tensor=spec.name, micro_step=spec.micro_step,
                        replica=pa.replica, replica_b=pb.replica, replicas=replicas, diff=diff, verdict=verdict,
                        cause="init", snapshot="initial",
-                       detail=f"{_label(spec)} differs before the first update (initial snapshot of step {step})")
+                       detail=f"{_label(spec)} differs before the first update (initial snapshot of step {step})",
+                       next_step=INIT_SLOT_NEXT if spec.kind == "optimizer_slot" else None)
 
     @staticmethod
     def _initial_hash(reader: TraceReader, key):
@@ -665,6 +669,11 @@ class _Growth:
 
 def _key_dict(k) -> Dict[str, Any]:
     return {"kind": k[0], "tensor": k[1], "micro_step": k[2]}
+
+
+INIT_SLOT_NEXT = ("An optimizer variable, not a weight, differs before the first update (a loss scale, a slot "
+                  "restored from a checkpoint): compare the optimizer's configuration in the environment diff and "
+                  "where its state came from.")
 
 
 def _skips(steps: np.ndarray) -> str:

@@ -72,6 +72,29 @@ def test_tracing_does_not_change_the_final_weights(tf_cpus, tmp_path):
             assert plain[name].tobytes() == traced[name].tobytes(), name
 
 
+def test_mixed_precision_skips_overflowing_updates_and_tracing_changes_nothing(tf_cpus, tmp_path, capsys):
+    """--mixed-precision with a loss scale so large that the first updates overflow: the LossScaleOptimizer
+    skips them, the job says how many, the trace lists them, and the traced job's weights are the untraced
+    one's, bit for bit."""
+    from tracer.reader import TraceReader
+
+    common = ["--replicas", "2", "--steps", "6", "--batch-size", "16", "--mixed-precision", "--loss-scale",
+              "4194304", "--no-progress"]
+    assert train.main(common + ["--no-trace", "--save-weights", str(tmp_path / "plain.npz")]) == 0
+    assert train.main(common + ["--capture", "full", "--trace-dir", str(tmp_path / "t"),
+                                "--save-weights", str(tmp_path / "traced.npz")]) == 0
+    out = capsys.readouterr().out
+    with np.load(tmp_path / "plain.npz") as plain, np.load(tmp_path / "traced.npz") as traced:
+        for name in plain.files:
+            assert plain[name].tobytes() == traced[name].tobytes(), name
+    with TraceReader(str(tmp_path / "t" / "replica-0.h5")) as r:
+        steps, skipped = r.steps(), r.skipped_steps()
+        assert skipped.size and steps.size + skipped.size == 6 and list(steps) == list(range(steps.size))
+        assert r.attrs["run.mixed_precision"] and r.attrs["optimizer_class"] == "LossScaleOptimizer"
+        assert r.tensors[r.column(("local_grad", "mlp/dense_0/kernel", -1))].dtype == "float32"
+    assert f"loss scale: {skipped.size} of 6 updates skipped (gradients not finite)" in out, out
+
+
 def test_user_dataset(tmp_path):
     # A subprocess: every MirroredStrategy in one process starts its collective
     # keys at the same value (TF's MirroredStrategy._collective_key_base is a
@@ -93,6 +116,7 @@ def test_user_dataset(tmp_path):
     (["--optimizer", "sgd", "--adam-epsilon", "1e-3"], "--adam-epsilon does not apply to --optimizer sgd"),
     (["--lr-schedule", "cosine"], r"--lr-schedule must be 'constant' or 'step:K:LR'"),
     (["--replicas", "2", "--batch-size", "15"], "--batch-size must be divisible by the 2 replicas"),
+    (["--loss-scale", "5"], "--loss-scale applies to --mixed-precision runs"),
 ])
 def test_usage_errors_are_one_line(tf_cpus, tmp_path, capsys, args, message):
     code = train.main(args + ["--trace-dir", str(tmp_path / "t"), "--steps", "1"])

@@ -54,3 +54,17 @@ def test_the_analyzer_says_when_the_runs_skipped_different_updates(tmp_path, cap
     c = write_run(tmp_path / "c", steps=8, skipped=[3, 3], plants=[Plant(3, "input", "batch[0]")])
     assert bisect.main([b, c, "--json"]) == 0
     assert not any("skipped" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_an_optimizer_state_that_differs_before_the_first_update_gets_its_own_advice(tmp_path, capsys):
+    from tracer.compare import INIT_SLOT_NEXT
+
+    a = write_run(tmp_path / "a", steps=4)
+    b = write_run(tmp_path / "b", steps=4, plants=[Plant(0, "optimizer_slot", "dense/kernel/momentum",
+                                                         initial=True)])
+    assert bisect.main([a, b, "--json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert (d["cause"], d["first"]["kind"], d["next_step"]) == ("init", "optimizer_slot", INIT_SLOT_NEXT)
+    c = write_run(tmp_path / "c", steps=4, plants=[Plant(0, "weight", "dense/kernel", initial=True)])
+    assert bisect.main([a, c, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["next_step"] != INIT_SLOT_NEXT
