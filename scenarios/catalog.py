@@ -37,6 +37,9 @@ EPOCH_BATCH = 600
 EPOCH_END_STEP = 6
 WHOLE = Job(f"batch-{EPOCH_BATCH}", ("--replicas", "2", "--steps", str(STEPS), "--batch-size", str(EPOCH_BATCH),
                                      "--capture", "full"))
+MIXED = Job("mixed-precision", BASE + ("--mixed-precision",))
+OVERFLOW_SCALE = "4194304"
+"""Initial loss scale of scenario 3c: 2**22, large enough that the first updates overflow float16."""
 INJECT_FLAGS = ("--replicas", "2", "--steps", "6")
 CLEAN = Job("inject-clean", INJECT_FLAGS, script=INJECT)
 FLIP = Job("inject-bitflip", INJECT_FLAGS + ("--flip-step", str(FAULT_STEP), "--flip-replica", str(FAULT_REPLICA)),
@@ -87,6 +90,13 @@ SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("3", "XLA on vs off",
              "Does turning on XLA (jit_compile) change my training?",
              REF, Job("xla", BASE + ("--xla",))),
+    Scenario("3b", "Mixed precision on vs off",
+             "Does mixed_float16 (with its LossScaleOptimizer) change my training, and where first?",
+             REF, MIXED),
+    Scenario("3c", "A loss scale that overflows",
+             "My mixed-precision run lags behind an identical one with another initial loss scale. Is it "
+             "skipping updates?",
+             MIXED, Job("mixed-precision-overflow", MIXED.flags + ("--loss-scale", OVERFLOW_SCALE))),
     Scenario("4a", "Adam epsilon",
              "I only changed Adam's epsilon. Where does that show?",
              REF, Job("adam-epsilon-1e-4", BASE + ("--adam-epsilon", "1e-4"))),

@@ -5,7 +5,7 @@ INTRO = """# Why do my two TensorFlow runs differ? Scenarios, verdicts and what 
 Each section below is one classic reason two runs disagree. It gives the question you would ask, the two
 commands that reproduce it with the reference job, and the **real output** of `tracer.bisect` (or
 `tracer.check`) on those two runs, followed by how to read it. Every run is small: 8 optimizer steps, global
-batch 32, the embedded dataset and MLP, 2 replicas on logical CPUs unless the scenario is about replicas, and
+batch 32 (600 in 2b, to reach the end of an epoch), the embedded dataset and MLP, 2 replicas on logical CPUs unless the scenario is about replicas, and
 `--capture full`, so the magnitudes are exact.
 
 Read a verdict top-down: the first line says *where* (kind, tensor, replica, step), `cause` says *why* in one
@@ -42,6 +42,19 @@ weights, the fused XLA kernels give a gradient a few ULP away from the default k
 The first differing tensor is the gradient of the last layer's bias (the start of backprop), so the cause is
 `numerics`. A growth curve that starts at round-off size and stays flat is round-off, not a bug; if you need
 bitwise reproducibility, pin XLA on or off in both runs.
+""",
+    "3b": """**What it teaches.** Initial weights, inputs and everything before the forward pass are equal (the
+float32 master weights start from the same seed); the first difference is the loss of step 0, computed in
+float16, so the cause is `numerics`, a few hundred ULP of float32. The mixed-precision run also traces its
+loss scale (`loss_scale/dynamic_scale`, `step_counter`) as optimizer slots, which the reference run does not
+have: the note lists them. The environment diff names the policy flag and the optimizer wrapper.
+""",
+    "3c": """**What it teaches.** The two runs differ before the first update in an optimizer variable, the loss
+scale, so the cause is `init` and the advice points at the optimizer's configuration (`initial_scale` in the
+environment diff). The note says what that did: run B skipped its first updates (the scaled gradients
+overflowed float16, so the LossScaleOptimizer halved the scale and did not step). Rows are numbered by
+optimizer step, so B's step 0 is the update it finally made, on a later batch, and B has fewer steps than
+calls. The job itself prints `loss scale: K of 8 updates skipped`.
 """,
     "4a": """**What it teaches.** Gradients, all-reduced gradients and Adam's moments are equal; the first
 differing tensor is an updated weight, so the cause is `optimizer`. That is the signature of a hyperparameter

@@ -42,6 +42,32 @@ def test_2b_an_epochs_partial_batch_is_data_where_the_epoch_ends(outcome, worksp
     assert truth.kinds_at(diff)[0] == "input"
 
 
+def test_3b_mixed_precision_is_numerics_in_the_first_forward_pass(outcome, workspace):
+    o = outcome("3b")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "numerics"
+    assert (f["snapshot"], f["step"], f["kind"]) == ("step", 0, "loss")
+    s = catalog.by_id("3b")
+    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
+    assert diff["snapshot"] == "step" and diff["step"] == 0 and truth.kinds_at(diff)[0] == "loss"
+
+
+def test_3c_an_overflowing_loss_scale_is_init_and_the_skips_are_noted(outcome, workspace):
+    from tracer.compare import INIT_SLOT_NEXT
+
+    o = outcome("3c")
+    f = o.report["first"]
+    assert o.code == 1 and o.report["cause"] == "init" and o.report["next_step"] == INIT_SLOT_NEXT
+    assert (f["snapshot"], f["kind"], f["tensor"]) == ("initial", "optimizer_slot", "loss_scale/dynamic_scale")
+    s = catalog.by_id("3c")
+    skipped_a, skipped_b = (truth.skipped(workspace.run(job)) for job in (s.a, s.b))
+    assert skipped_b.size and not skipped_a.size
+    note = next(n for n in o.report["notes"] if "skipped different updates" in n)
+    assert "A at no step, B at step" in note and f" 0 ({int((skipped_b == 0).sum())}x)" in note, note
+    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
+    assert diff["snapshot"] == "initial" and truth.kinds_at(diff) == ["optimizer_slot"]
+
+
 @pytest.mark.parametrize("scenario_id, step, tensor", [
     ("4a", 0, "mlp/dense_0/kernel"),  # epsilon: Adam's moments are equal, the update is not
     ("4b", 0, "learning_rate"),

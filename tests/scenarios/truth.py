@@ -23,6 +23,16 @@ def readers(run_dir) -> List[TraceReader]:
     return [TraceReader(p) for p in paths]
 
 
+def skipped(run_dir) -> np.ndarray:
+    """Steps of the updates replica 0 of a run skipped."""
+    rs = readers(run_dir)
+    try:
+        return rs[0].skipped_steps()
+    finally:
+        for r in rs:
+            r.close()
+
+
 def _comparable(a, b) -> bool:
     """Same dtype and shape; a first axis of -1 (a batch of unknown size) matches any."""
     if a.dtype != b.dtype or len(a.shape) != len(b.shape) or a.shape[1:] != b.shape[1:]:
