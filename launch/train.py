@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("numerics and distribution")
     g.add_argument("--mixed-precision", action="store_true",
                    help="float16 math in the hidden layers (Keras' mixed_float16 policy) with a LossScaleOptimizer, "
-                        "which skips the updates whose gradients overflow and adjusts its loss scale")
+                        "which skips the updates whose gradients overflow and adjusts its loss scale. Under mpirun "
+                        "Keras decides that per worker, from local gradients: workers that disagree wait on each "
+                        "other for good, traced or not, so keep the loss scale low enough not to overflow there")
     g.add_argument("--loss-scale", type=_loss_scale, default=None, metavar="S",
                    help="initial loss scale of --mixed-precision (default: Keras' 32768); a large one makes the "
                         "first updates overflow and be skipped")

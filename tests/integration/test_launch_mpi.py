@@ -181,3 +181,32 @@ def test_two_workers_with_partial_batches_read_inside_the_step(tmp_path):
     finally:
         for r in readers:
             r.close()
+
+
+def test_two_workers_with_mixed_precision_trace_the_updates_applied(tmp_path):
+    """--mixed-precision under MultiWorkerMirroredStrategy: Keras' LossScaleOptimizer applies the update in a
+    conditional in the replica context, and all-reduces there. The trace holds what it applied: each worker's
+    all-reduced gradient is the sum of the two workers' local ones, bit for bit, and the workers agree."""
+    from tracer.check import main as check_main
+    from tracer.reader import TraceReader
+
+    trace = tmp_path / "trace"
+    proc, _ = mpirun(N, ["--steps", "3", "--batch-size", "16", "--mixed-precision", "--capture", "full",
+                         "--trace-dir", str(trace), "--no-progress"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert check_main([str(trace)]) == 0
+    readers = [TraceReader(str(trace / f"replica-{i}.h5")) for i in range(N)]
+    try:
+        r0 = readers[0]
+        assert r0.steps().tolist() == [0, 1, 2] and not r0.skipped_steps().size
+        for col, spec in enumerate(r0.tensors):
+            if spec.kind != "allreduced_grad":
+                continue
+            local = r0.column(("local_grad", spec.name, -1))
+            for step in range(3):
+                total = sum(r.full(local, step) for r in readers)
+                for r in readers:
+                    np.testing.assert_array_equal(r.full(col, step), total, err_msg=f"{spec.name} {step}")
+    finally:
+        for r in readers:
+            r.close()
