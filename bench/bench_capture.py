@@ -47,6 +47,10 @@ CONFIGS = {
     "mlp/tfdbg-FULL_TENSOR": ("mlp", None, "FULL_TENSOR"),
     "mlp/tracer-fingerprint-loss-only": ("mlp", "fingerprint:loss", None),
     "mlp/tracer-fingerprint-weight-only": ("mlp", "fingerprint:weight", None),
+    # Batches passed in from a dataset batched without drop_remainder: the step is traced with an
+    # unknown batch size, so the inputs take the run-time shape fingerprint path (the untraced twin
+    # reads the same pipeline).
+    "mlp-unknown-batch/tracer-fingerprint": ("mlp-unknown-batch", "fingerprint", None),
     "cnn/untraced": ("cnn", None, None),
     "cnn/tracer-fingerprint": ("cnn", "fingerprint", None),
 }
@@ -80,7 +84,7 @@ def _build(model_kind: str, mode, devices, trace_root: str, x, y, global_batch: 
         dist = tf.distribute.MirroredStrategy(devices)
     with dist.scope():
         keras.utils.set_random_seed(0)
-        if model_kind == "mlp":
+        if model_kind.startswith("mlp"):
             model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(1024, activation="relu"),
                                       keras.layers.Dense(1024, activation="relu"), keras.layers.Dense(10)])
         else:
@@ -106,7 +110,8 @@ def _build(model_kind: str, mode, devices, trace_root: str, x, y, global_batch: 
     def step(inputs):
         return dist.reduce(tf.distribute.ReduceOp.SUM, dist.run(train_step, args=(inputs,)), axis=None)
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(global_batch, drop_remainder=True)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+    ds = ds.batch(global_batch) if model_kind.endswith("unknown-batch") else ds.batch(global_batch, drop_remainder=True)
     it = iter(dist.experimental_distribute_dataset(ds.prefetch(4)))
     return step, it, strategy, model
 
@@ -119,7 +124,7 @@ def _setup(model_kind: str):
     tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     rng = np.random.default_rng(0)
-    if model_kind == "mlp":
+    if model_kind.startswith("mlp"):
         x = rng.standard_normal((GLOBAL_BATCH * 8, 256)).astype(np.float32)
     else:
         x = rng.standard_normal((GLOBAL_BATCH * 8, 32, 32, 3)).astype(np.float32)

@@ -395,15 +395,14 @@ def test_micro_steps_recorded_inside_a_nested_function_are_a_clear_error(tf_cpus
     strategy.close()
 
 
-@pytest.mark.parametrize("scale", [2.0 ** 15, 2.0 ** 22], ids=["every-update-applied", "updates-skipped"])
-def test_loss_scaling_mixed_precision_traces_the_updates_it_applies(tf_cpus, tmp_path, scale):
+def test_loss_scaling_mixed_precision_traces_the_updates_it_applies(tf_cpus, tmp_path):
     """mixed_float16 with a LossScaleOptimizer, which applies the update inside a conditional (only when the
     gradients are finite). The trace holds what was applied: the all-reduced gradient is the sum of the two
     replicas' local ones, bit for bit. A skipped update has no row (the next update is the same optimizer
     step) and is listed in /skipped; training is unchanged either way."""
     import tensorflow as tf
 
-    calls = 6
+    calls, scale = 6, 2.0 ** 22  # the first updates overflow float16
     traced = training.train(_traced(tf_cpus, tmp_path, mode="full"), steps=calls, loss_scale=scale)
     untraced = training.train(tf.distribute.MirroredStrategy(tf_cpus[:2]), steps=calls, loss_scale=scale)
     for path, value in untraced.items():
@@ -413,7 +412,7 @@ def test_loss_scaling_mixed_precision_traces_the_updates_it_applies(tf_cpus, tmp
     try:
         steps, skipped = r0.steps(), r0.skipped_steps()
         assert len(steps) + len(skipped) == calls
-        assert bool(len(skipped)) == (scale > 2.0 ** 15), skipped
+        assert len(skipped) and len(steps), (steps, skipped)
         assert list(steps) == list(range(len(steps)))  # one row per applied update, numbered by it
         assert np.array_equal(r1.skipped_steps(), skipped)
         names = {t.name for t in r0.tensors if t.kind == "optimizer_slot"}

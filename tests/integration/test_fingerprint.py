@@ -42,9 +42,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("first_axis", ["static", "unknown"])
-@pytest.mark.parametrize("together", [True, False], ids=["one-call", "call-per-tensor"])
-@pytest.mark.parametrize("use_xla", [True, False], ids=["xla", "no-xla"])
+@pytest.mark.parametrize("use_xla, together, first_axis", [
+    (True, True, "static"), (True, False, "static"), (False, True, "static"), (False, False, "static"),
+    (True, True, "unknown"), (False, True, "unknown"),
+], ids=["xla-one-call", "xla-call-per-tensor", "no-xla-one-call", "no-xla-call-per-tensor",
+        "xla-one-call-unknown-first-axis", "no-xla-one-call-unknown-first-axis"])
 def test_in_graph_fingerprint_matches_reference(tf_cpus, use_xla, together, first_axis):
     """One call for all cases takes the path for calls with a non-finite or out-of-range tensor;
     one call per case takes the one-pass path wherever that case allows it. With the first axis
