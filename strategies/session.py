@@ -98,9 +98,12 @@ def check_input_shapes(per_replica_inputs: Sequence[Sequence[Any]], columns: Seq
     for k, spec in enumerate(columns):
         for i, inputs in enumerate(per_replica_inputs):
             shape = inputs[k].shape
-            fits = (shape.rank == len(spec.shape) and shape[1:].is_fully_defined()
-                    and spec.fits((spec.shape[0] if shape[0] is None else shape[0],) + tuple(shape[1:]))
-                    if shape.rank else shape.rank == len(spec.shape))
+            if not shape.rank:  # a scalar, or a rank unknown here
+                fits = shape.rank == len(spec.shape)
+            else:
+                length = spec.shape[0] if shape[0] is None else shape[0]
+                fits = (shape.rank == len(spec.shape) and shape[1:].is_fully_defined()
+                        and spec.fits((length,) + tuple(shape[1:])))
             if not fits:
                 raise CaptureError(
                     f"input {spec.name!r} has shape {tuple(shape)} on local replica {i}, which does not fit its "
