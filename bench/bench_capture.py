@@ -51,6 +51,9 @@ CONFIGS = {
     # unknown batch size, so the inputs take the run-time shape fingerprint path (the untraced twin
     # reads the same pipeline).
     "mlp-unknown-batch/tracer-fingerprint": ("mlp-unknown-batch", "fingerprint", None),
+    # Mixed precision (mixed_float16, LossScaleOptimizer): the update is conditional, so the gradients reach
+    # the trace through stash variables (one more copy of them per replica and step).
+    "mlp-mixed/tracer-fingerprint": ("mlp-mixed", "fingerprint", None),
     "cnn/untraced": ("cnn", None, None),
     "cnn/tracer-fingerprint": ("cnn", "fingerprint", None),
 }
@@ -85,14 +88,18 @@ def _build(model_kind: str, mode, devices, trace_root: str, x, y, global_batch: 
     with dist.scope():
         keras.utils.set_random_seed(0)
         if model_kind.startswith("mlp"):
-            model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(1024, activation="relu"),
-                                      keras.layers.Dense(1024, activation="relu"), keras.layers.Dense(10)])
+            policy = "mixed_float16" if model_kind == "mlp-mixed" else None
+            model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(1024, activation="relu", dtype=policy),
+                                      keras.layers.Dense(1024, activation="relu", dtype=policy),
+                                      keras.layers.Dense(10, dtype="float32" if policy else None)])
         else:
             model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(32, 3, activation="relu"),
                                       keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
                                       keras.layers.Conv2D(64, 3, activation="relu"),
                                       keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
         opt = keras.optimizers.Adam(1e-3)
+        if model_kind == "mlp-mixed":
+            opt = keras.optimizers.LossScaleOptimizer(opt)
         opt.build(model.trainable_variables)
     if strategy is not None:
         strategy.watch(model, opt)
@@ -102,7 +109,8 @@ def _build(model_kind: str, mode, devices, trace_root: str, x, y, global_batch: 
         xb, yb = inputs
         with tf.GradientTape() as tape:
             loss = tf.nn.compute_average_loss(loss_obj(yb, model(xb, training=True)), global_batch_size=global_batch)
-        grads = tape.gradient(loss, model.trainable_variables)
+            scaled = opt.scale_loss(loss) if model_kind == "mlp-mixed" else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
