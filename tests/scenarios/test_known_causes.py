@@ -18,38 +18,26 @@ def test_1_unseeded_init_is_init_before_the_first_update(outcome, workspace):
     assert {"key": "seeds.weights", "a": 1, "b": "none"} in o.report["env_diff"]
 
 
-def test_2_unseeded_shuffle_is_data_at_step_0(outcome, workspace):
-    o = outcome("2")
+@pytest.mark.parametrize("scenario_id, cause, step, kind", [
+    ("2", "data", 0, "input"),  # an unseeded shuffle: the very first batch
+    ("2b", "data", catalog.EPOCH_END_STEP, "input"),  # an epoch's partial batch: where the epoch ends
+    ("3b", "numerics", 0, "loss"),  # mixed precision: the first forward pass, in float16
+])
+def test_data_and_forward_pass_changes_start_where_the_traces_first_differ(outcome, workspace, scenario_id, cause,
+                                                                           step, kind):
+    o = outcome(scenario_id)
     f = o.report["first"]
-    assert o.code == 1 and o.report["cause"] == "data"
-    assert (f["snapshot"], f["step"], f["kind"], f["tensor"]) == ("step", 0, "input", "batch[0/0]")
-    s = catalog.by_id("2")
+    assert o.code == 1 and o.report["cause"] == cause
+    assert (f["snapshot"], f["step"], f["kind"]) == ("step", step, kind)
+    assert kind != "input" or f["tensor"] == "batch[0/0]"
+    s = catalog.by_id(scenario_id)
     diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
-    assert diff["snapshot"] == "step" and diff["step"] == 0 and truth.kinds_at(diff)[0] == "input"
+    assert diff["snapshot"] == "step" and diff["step"] == step and truth.kinds_at(diff)[0] == kind
 
 
-def test_2b_an_epochs_partial_batch_is_data_where_the_epoch_ends(outcome, workspace):
-    o = outcome("2b")
-    f = o.report["first"]
-    assert o.code == 1 and o.report["cause"] == "data"
-    assert (f["snapshot"], f["step"], f["kind"], f["tensor"]) == ("step", catalog.EPOCH_END_STEP, "input",
-                                                                  "batch[0/0]")
+def test_2b_the_partial_batch_is_shorter_on_every_replica(outcome):
     # 496 examples over 2 replicas against 600: the shapes differ, and the report says so.
-    assert f["shapes"] == [[catalog.EPOCH_BATCH // 2, 64], [496 // 2, 64]], f
-    s = catalog.by_id("2b")
-    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
-    assert diff["snapshot"] == "step" and diff["step"] == catalog.EPOCH_END_STEP
-    assert truth.kinds_at(diff)[0] == "input"
-
-
-def test_3b_mixed_precision_is_numerics_in_the_first_forward_pass(outcome, workspace):
-    o = outcome("3b")
-    f = o.report["first"]
-    assert o.code == 1 and o.report["cause"] == "numerics"
-    assert (f["snapshot"], f["step"], f["kind"]) == ("step", 0, "loss")
-    s = catalog.by_id("3b")
-    diff = truth.first_difference(workspace.run(s.a), workspace.run(s.b))
-    assert diff["snapshot"] == "step" and diff["step"] == 0 and truth.kinds_at(diff)[0] == "loss"
+    assert outcome("2b").report["first"]["shapes"] == [[catalog.EPOCH_BATCH // 2, 64], [496 // 2, 64]]
 
 
 def test_3c_an_overflowing_loss_scale_is_init_and_the_skips_are_noted(outcome, workspace):
