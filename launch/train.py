@@ -494,7 +494,7 @@ def run(args, argv: List[str], launcher, world) -> int:
                     checkpoints.save(step + 1)
             checkpoints.save(max(start, args.steps))
         # A LossScaleOptimizer skips the updates whose gradients overflow: the step ran, the optimizer did not.
-        skipped = max(0, (args.steps - start) - (int(optimizer.iterations.numpy()) - start))
+        skipped = max(0, args.steps - int(optimizer.iterations.numpy()))
         if args.save_weights and is_chief:
             import numpy as np
 

@@ -253,7 +253,7 @@ class Comparison:
         self.specs = [spec_b[k] if spec_b[k].dynamic else spec_a[k] for k in self.keys]
         self.cols_a = np.array([a.readers[0].column(k) for k in self.keys], dtype=np.int64)
         self.cols_b = np.array([b.readers[0].column(k) for k in self.keys], dtype=np.int64)
-        self.sizes = np.array([s.size if s.dynamic else max(s.size, 1) for s in self.specs], dtype=np.float64)
+        self.sizes = np.array([s.size for s in self.specs], dtype=np.float64)  # stats_bounds reads -1 as unknown
         self.dtypes = [s.dtype for s in self.specs]
         self.weight_cols = np.array([i for i, s in enumerate(self.specs) if s.kind == "weight"], dtype=np.int64)
         self.only = {"only_in_a": [_key_dict(k) for k in only_a], "only_in_b": [_key_dict(k) for k in only_b]}

@@ -349,14 +349,13 @@ class TraceWriter:
 
         Its step gets no row: the next update is this step again.
         """
-        if self._last_step is not None and int(step) <= self._last_step:
-            raise TraceWriteError(f"{self.path}: an update skipped at step {step} follows step {self._last_step}")
-        self._put(("skipped", int(step), None, None, False))
+        step = self._next_step(int(step), self._last_step, what="an update skipped at step")
+        self._put(("skipped", step, None, None, False))
 
-    def _next_step(self, step: int, last: Optional[int]) -> int:
+    def _next_step(self, step: int, last: Optional[int], what: str = "step") -> int:
         """``step``, if it may follow ``last``: steps strictly increase."""
         if last is not None and step <= last:
-            raise TraceWriteError(f"{self.path}: steps must increase. Received: step={step} after step={last}")
+            raise TraceWriteError(f"{self.path}: steps must increase. Received: {what}={step} after step={last}")
         return step
 
     def _copy_full(self, full: Sequence[np.ndarray]) -> List[np.ndarray]:

@@ -109,3 +109,15 @@ def test_a_shorter_batch_is_a_difference_at_its_step(tmp_path, capsys, monkeypat
     f = d["first"]
     assert rc == 1 and (f["step"], f["kind"], f["tensor"], f["replicas"]) == (3, "input", "batch[0]", [1])
     assert f["shapes"] == [[8, 4], [5, 4]] and f["n_diff"] == 12  # the 3 rows B lacks
+
+
+def test_an_unknown_element_count_gives_no_bound_from_l2():
+    """Two batches whose norms differ by 5 but whose max |x| agree: with a known size n the l2 gap bounds
+    max|a-b| from below by 5/sqrt(n); with the size unknown (a batch of unknown size) it bounds nothing."""
+    from tracer.metrics import stats_bounds
+
+    known, _ = stats_bounds(10.0, 5.0, 3.0, 3.0, 4)
+    unknown, rel = stats_bounds(10.0, 5.0, 3.0, 3.0, schema.UNKNOWN_DIM)
+    assert known == pytest.approx(2.5, rel=1e-4)  # less the rounding allowed to each l2
+    assert unknown == 0.0 and rel == 0.0
+    assert stats_bounds(10.0, 5.0, 3.0, 1.0, schema.UNKNOWN_DIM)[0] == 2.0  # max |x| still bounds it

@@ -33,7 +33,8 @@ def test_a_skip_must_come_before_its_steps_row(tmp_path):
     w = TraceWriter(str(tmp_path / "replica-0.h5"), [TensorSpec("loss", "loss", (), "float32")],
                     config=CaptureConfig(), initial_columns=[])
     w.write_step(2, _stack([fingerprint(np.float32(1))]))
-    with pytest.raises(TraceWriteError, match=r"an update skipped at step 2 follows step 2"):
+    with pytest.raises(TraceWriteError, match=r"steps must increase. Received: an update skipped at step=2 after "
+                                              r"step=2"):
         w.write_skipped(2)
     w.close()
 
