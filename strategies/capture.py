@@ -81,6 +81,8 @@ class StepCapture:
         self.local_grads: List[Dict[str, Any]] = [{} for _ in range(num_local)]
         self.applied_grads: List[Dict[str, Any]] = [{} for _ in range(num_local)]
         self.micro_steps: List[List[Sequence[Any]]] = [[] for _ in range(num_local)]
+        self.losses: List[Any] = [None] * num_local
+        """Per replica, the loss Keras' ``train_step`` computed (``model.fit``), else None."""
 
     # Called from the traced extended objects -------------------------------
     def note_reduce(self, inputs: Sequence[Any], outputs: Sequence[Any], replica: Optional[int] = None) -> None:
@@ -137,6 +139,15 @@ class StepCapture:
                     if isinstance(value, resource_variable_ops.BaseResourceVariable):
                         with tf.device(self._devices[i]):
                             grads[path] = value.read_value()
+        for i, value in enumerate(self.losses):
+            if isinstance(value, resource_variable_ops.BaseResourceVariable):
+                with tf.device(self._devices[i]):
+                    self.losses[i] = value.read_value()
+
+    def note_loss(self, replica: int, loss: Any) -> None:
+        """Record the loss computed on ``replica``'s batch in this step."""
+        with self._lock:
+            self.losses[replica] = self._reachable(replica, "loss", "", loss)
 
     def note_micro_step(self, replica: int, grads: Sequence[Any]) -> None:
         with self._lock:

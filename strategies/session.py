@@ -11,6 +11,7 @@ its full tensors along).
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -309,8 +310,10 @@ class TraceSession:
         for i in range(n_local):
             structure = distribute_utils.select_replica(i, _input_structure(args, kwargs))
             per_replica_inputs.append(tf.nest.flatten(structure))
-            loss = distribute_utils.select_replica(i, result) if result is not None else None
-            per_replica_loss.append(self._pick_loss(loss))
+            loss = capture.losses[i]
+            if loss is None and result is not None:
+                loss = self._pick_loss(distribute_utils.select_replica(i, result))
+            per_replica_loss.append(loss)
         if self.tensors is None:
             names = _input_names(_input_structure(args, kwargs))
             with tf.init_scope():
@@ -353,7 +356,9 @@ class TraceSession:
 
     @staticmethod
     def _pick_loss(value):
-        """The replica function's loss: its return value, or the first float scalar in it."""
+        """The replica function's loss: its return value, its entry ``loss``, or the first float scalar in it."""
+        if isinstance(value, collections.abc.Mapping) and "loss" in value:
+            value = value["loss"]  # nest.flatten sorts a dict's keys: "accuracy" would come first
         for t in tf.nest.flatten(value):
             if isinstance(t, (tf.Tensor, tf.Variable)) and t.dtype.is_floating and t.shape.rank == 0:
                 return t

@@ -11,7 +11,10 @@ dataset behaves exactly as without tracing. The subclasses only *observe*:
 * every ``extended.update`` of a watched variable (the optimizer's apply step),
   which ties each applied gradient to its variable;
 * ``run``: its inputs, its return value (the loss), and, after the update, the
-  optimizer slots and weights.
+  optimizer slots and weights;
+* under ``model.fit``, the loss Keras' ``train_step`` hands to the model's loss
+  tracker on each replica: the step's loss, where the step's return value holds
+  only the tracker's mean since the epoch began.
 
 No value computed by the training step is changed; the tracer only adds reads.
 """
@@ -27,6 +30,7 @@ from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
 from tensorflow.python.distribute import distribute_lib
 from tensorflow.python.distribute import mirrored_strategy as _ms
 from tensorflow.python.distribute import reduce_util
+from tensorflow.python.ops import control_flow_util
 
 from strategies.session import TraceSession
 from tracer.config import CaptureConfig
@@ -147,9 +151,17 @@ class _TracedStrategyMixin:
         capture = session.begin()
         if capture is None:
             return super().run(fn, args=args, kwargs=kwargs, options=options)
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            # Everything in such a function is compiled, and the host hand-over of the rows cannot be.
+            raise CaptureError(
+                "strategy.run is inside a function compiled with XLA (tf.function(jit_compile=True), or "
+                "model.compile(jit_compile=True) under model.fit), where the tracer cannot hand its rows to the "
+                "host; compile the replica function instead (the function passed to strategy.run), or use "
+                "jit_compile=False, Keras' default under tf.distribute")
         # Read before the update: automatic control dependencies order these
         # reads ahead of the optimizer's writes.
         step, lr = session.read_step()
+        self._observe_keras_loss()
         self.extended._tracer_capture = capture
         try:
             result = super().run(fn, args=args, kwargs=kwargs, options=options)
@@ -157,6 +169,30 @@ class _TracedStrategyMixin:
             self.extended._tracer_capture = None
         session.emit(capture, step, lr, args, kwargs, result)
         return result
+
+    def _observe_keras_loss(self) -> None:
+        """Under ``model.fit``, report the loss of each replica's batch to the active capture.
+
+        Keras' ``train_step`` returns its metrics' results, whose ``loss`` is the
+        mean since the epoch began; the loss of this step exists only as the value
+        it adds to the model's loss tracker. The tracker's ``update_state`` is
+        observed (the value passes through unchanged), so the trace records the
+        step's own loss, as a custom loop's return value gives it.
+        """
+        tracker = getattr(self._trace_session.model, "_loss_tracker", None)
+        if tracker is None or getattr(tracker, "_tracer_observed", False):
+            return
+        update_state = tracker.update_state
+        extended = self.extended
+
+        def observed_update_state(values, *args, **kwargs):
+            capture = extended._tracer_capture
+            if capture is not None and not tf.distribute.in_cross_replica_context():
+                capture.note_loss(_local_replica_id(extended), values)
+            return update_state(values, *args, **kwargs)
+
+        tracker.update_state = observed_update_state
+        tracker._tracer_observed = True
 
     def flush(self) -> None:
         """Blocks until every step traced so far is on disk (call before saving a checkpoint)."""

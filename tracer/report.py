@@ -94,6 +94,13 @@ def magnitude(f: Dict[str, Any]) -> str:
     return ", ".join(parts) + f" ({src})"
 
 
+def _span(steps: dict, short: bool = False) -> str:
+    """``N steps (a..b)``, or ``N (a..b)`` when ``short``; a trace without steps says so."""
+    if not steps["count"]:
+        return "0 (no step recorded)" if short else "no step (none recorded)"
+    return f"{steps['count']}{'' if short else ' steps'} ({steps['first']}..{steps['last']})"
+
+
 def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
     """The human report of a comparison dict (``Result.to_dict()``), verdict first."""
     lines: List[str] = []
@@ -131,14 +138,13 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
         lines.append(f"  first NaN/Inf: {'; '.join(seen + clean)}")
     if check and not first:
         lines.append(f"{prog}: all replicas agree bitwise on allreduced_grad, optimizer_slot and weight in "
-                     f"{steps['count']} steps ({steps['first']}..{steps['last']})")
+                     f"{_span(steps)}")
     elif not first and snap:
         lines.append(f"{prog}: no divergence beyond tolerance at the last of {steps['count']} common full "
                      f"snapshots (steps {steps['first']}..{steps['last']}), so none before it either under the "
                      f"assumption below [tolerance: {tol_text(tol)}]")
     elif not first:
-        lines.append(f"{prog}: no divergence beyond tolerance in {steps['count']} steps "
-                     f"({steps['first']}..{steps['last']}) [tolerance: {tol_text(tol)}]")
+        lines.append(f"{prog}: no divergence beyond tolerance in {_span(steps)} [tolerance: {tol_text(tol)}]")
     if fb and (not first or (fb["step"], fb["kind"], fb["tensor"], fb["snapshot"]) !=
                (first["step"], first["kind"], first["tensor"], first["snapshot"])):
         lines.append(f"  first bitwise difference: {where(fb)}; {fb['verdict']['text']} (cause if it mattered: "
@@ -156,7 +162,7 @@ def render_text(d: Dict[str, Any], prog: str = "tracer.bisect") -> str:
                      f"{d['tensors']['compared']} tensors, replica pairs {d['tensors']['replica_pairs']}")
         lines.append(f"  assumption: {d['assumption']}")
     else:
-        lines.append(f"  steps compared: {steps['count']} ({steps['first']}..{steps['last']}), "
+        lines.append(f"  steps compared: {_span(steps, short=True)}, "
                      f"{d['tensors']['compared']} tensors, replica pairs {d['tensors']['replica_pairs']}; "
                      f"bitwise-different steps: {div['count']}"
                      + (f" ({div['first']}..{div['last']})" if div["count"] else ""))
