@@ -172,13 +172,13 @@ def _sum_max_sumsq_reducer(key_dtype: tf.DType, square_dtype: tf.DType):
     return reducer.get_concrete_function(*(spec + spec))
 
 
-def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused: bool):
-    """Sum, max and sum over axis 0 of [slices, m] (or [m]) operands, in one pass when ``fused``."""
+def _reduce_slices(hashes: tf.Tensor, keys: tf.Tensor, squares: tf.Tensor, fused: bool, axis: int = 0):
+    """Sum, max and sum over ``axis`` of [slices, m] (or [m]) operands, in one pass when ``fused``."""
     if not fused:
-        return tf.reduce_sum(hashes, 0), tf.reduce_max(keys, 0), tf.reduce_sum(squares, 0)
+        return tf.reduce_sum(hashes, axis), tf.reduce_max(keys, axis), tf.reduce_sum(squares, axis)
     return _VARIADIC_REDUCE([hashes, keys, squares],
                             [_u64(0), tf.zeros([], keys.dtype), tf.zeros([], squares.dtype)],
-                            dimensions_to_reduce=[0], reducer=_sum_max_sumsq_reducer(keys.dtype, squares.dtype))
+                            dimensions_to_reduce=[axis], reducer=_sum_max_sumsq_reducer(keys.dtype, squares.dtype))
 
 
 # Bounds within which those float32 sums lose nothing to overflow or underflow (see ``_narrow_ok``).
@@ -273,43 +273,133 @@ def _exact_sumsq(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tenso
                    lambda: tf.reduce_sum(tf.square(tf.cast(x, tf.float64))))
 
 
-def _fast_ok(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
-    """Whether the one pass's results are final: finite, and within ``L2_RTOL`` for float32."""
-    if not x.dtype.is_floating or x.shape.num_elements() == 0:
-        return tf.constant(True)
-    ok = tf.math.is_finite(sumsq)  # a NaN or an infinity makes the sum of squares NaN or inf too
-    if x.dtype == tf.float32:
-        ok = tf.logical_and(ok, _narrow_ok(sumsq, max_abs, x.shape.num_elements()))
-    return ok
+def _block_key(x: tf.Tensor):
+    """(dtype, words per row) of the block a small flat tensor is read in; None for a tensor read alone.
+
+    Tensors under ``SLICES * MIN_SLICE`` words (biases, scales, the loss, a
+    model's small layers) are read together, as the zero-padded rows of one
+    block per dtype and power-of-two row length. Their hash, max |x| and sum of
+    squares then come from one reduction over the rows, not from kernels of
+    their own: XLA compiles each kernel separately, and a model has hundreds of
+    such tensors per replica (5 kinds of each variable), which would cost
+    seconds of compilation each time the step is traced, on every device.
+    """
+    dtype = tf.uint8 if x.dtype == tf.bool else x.dtype
+    words = -(-int(x.shape[0]) // (8 // dtype.size))
+    if words >= SLICES * MIN_SLICE:
+        return None
+    return dtype, max(_MIN_ROW_WORDS, 1 << max(words - 1, 0).bit_length())
+
+
+_MIN_ROW_WORDS = 64
+
+
+class _Block:
+    """Small flat tensors of one dtype as the rows of a zero-padded [rows, words, elements per word] block."""
+
+    def __init__(self, tensors: Sequence[tf.Tensor], dtype: tf.DType, row_words: int):
+        per_word = 8 // dtype.size
+        width = row_words * per_word
+        parts = []
+        for x in tensors:
+            x = tf.cast(x, tf.uint8) if x.dtype == tf.bool else x
+            n = int(x.shape[0])
+            parts += [x, tf.zeros([width - n], dtype)] if n < width else [x]
+        self.dtype = dtype
+        self.sizes = np.array([int(x.shape[0]) for x in tensors], np.int64)
+        # One concatenation (that XLA fuses into the reduction), not a padding kernel per tensor.
+        self.pieces = tf.reshape(tf.concat(parts, 0), [len(tensors), row_words, per_word])
+        self.words = -(-self.sizes // per_word)
+
+    def hash_max_sumsq(self, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Per row, as ``_hash_max_sumsq``: hash (int64 bits), max |x| and sum of squares (float64)."""
+        pieces, dtype = self.pieces, self.dtype
+        row_words = int(pieces.shape[1])
+        gold = np.uint64(hashing.INDEX_MUL_64)
+        with np.errstate(over="ignore"):
+            index = np.arange(1, row_words + 1, dtype=np.uint64) * gold
+            lengths = hashing.mix64(self.sizes.astype(np.uint64) * np.uint64(dtype.size))
+        # The padding's words are not the tensor's: they add nothing to the hash.
+        real = tf.range(row_words, dtype=tf.int64)[None, :] < tf.constant(self.words[:, None])
+        mixed = tf.where(real, _mix64(_words(pieces) + tf.constant(index[None, :])), _u64(0))
+        keys = _abs_key(pieces)
+        values = pieces if dtype == tf.float32 else tf.cast(pieces, tf.float64)
+        part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
+        for k in range(1, int(pieces.shape[2])):
+            part_key = tf.maximum(part_key, keys[..., k])
+            part_sq = part_sq + values[..., k] * values[..., k]
+        total, max_key, sumsq = _reduce_slices(mixed, part_key, tf.cast(part_sq, tf.float64), fused, axis=1)
+        total += tf.constant(lengths)
+        return tf.bitcast(total, tf.int64), _abs_value(max_key, dtype), sumsq
+
+    def slow(self, sumsq: tf.Tensor, max_abs: tf.Tensor):
+        """(l2, max_abs, nan, inf) per row, as ``_device_part``'s slow branch gives them (see ``_Block``)."""
+        zero = tf.zeros([len(self.sizes)], tf.int64)
+        if not self.dtype.is_floating:
+            return tf.sqrt(sumsq), max_abs, zero, zero
+        exact = tf.reduce_sum(tf.square(tf.cast(self.pieces, tf.float64)), [1, 2])
+        if self.dtype == tf.float32:
+            sumsq = tf.where(_narrow_ok(sumsq, max_abs, self.sizes.astype(np.float64)), sumsq, exact)
+        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(self.pieces), tf.int64), [1, 2])
+        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(self.pieces), tf.int64), [1, 2])
+        # NaN wins over inf over finite values, whatever max did with NaN.
+        return tf.sqrt(sumsq), tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
+
+
+def _fast_ok(tensors: Sequence[tf.Tensor], sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
+    """Whether the one pass's results are final for all ``tensors``: finite, and within ``L2_RTOL`` for float32."""
+    floating = np.array([x.dtype.is_floating for x in tensors])
+    narrow = np.array([x.dtype == tf.float32 for x in tensors])
+    sizes = np.array([x.shape.num_elements() for x in tensors], np.float64)
+    # A NaN or an infinity makes the sum of squares NaN or inf too.
+    ok = tf.logical_or(tf.constant(~floating), tf.math.is_finite(sumsq))
+    ok = tf.logical_and(ok, tf.logical_or(tf.constant(~narrow), _narrow_ok(sumsq, max_abs, sizes)))
+    return tf.reduce_all(ok)
 
 
 def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
-    """The five fingerprint vectors; per tensor work beyond the one pass only when some result needs it."""
-    hashes, maxes, sums = [], [], []
-    for x in tensors:
-        h, max_abs, sumsq = _hash_max_sumsq(x, fused)
-        hashes.append(h)
-        maxes.append(max_abs)
-        sums.append(sumsq)
+    """The five fingerprint vectors; work beyond the one pass only when some result needs it.
+
+    Large tensors are read one by one (``_hash_max_sumsq``), small ones
+    together (``_Block``). One condition for all of them decides whether any
+    needs its NaN/Inf counts or its sum of squares again in float64.
+    """
+    alone, blocks = [], {}
+    for i, x in enumerate(tensors):
+        key = _block_key(x)
+        if key is None:
+            alone.append(i)
+        else:
+            blocks.setdefault(key, []).append(i)
+    singles = [_hash_max_sumsq(tensors[i], fused) for i in alone]
+    built = [(_Block([tensors[i] for i in members], dtype, row_words), members)
+             for (dtype, row_words), members in blocks.items()]
+    rows = [block.hash_max_sumsq(fused) for block, _ in built]
+    # Results in the order [tensors read alone, then each block's rows]; one gather puts them back in
+    # the order of ``tensors`` (slicing each row out of its block would cost XLA a kernel per row).
+    order = np.array(alone + [i for _, members in built for i in members], np.int64)
+    back = np.argsort(order)
+
+    def ordered(alone_values, block_values):
+        out = tf.concat(([tf.stack(alone_values)] if alone_values else []) + list(block_values), 0)
+        return out if (order == np.arange(len(order))).all() else tf.gather(out, back)
+
+    hashes, maxes, sums = (ordered([r[k] for r in singles], [r[k] for r in rows]) for k in range(3))
     zeros = tf.zeros([len(tensors)], tf.int64)
 
     def fast():
-        return tf.sqrt(tf.stack(sums)), tf.stack(maxes), zeros, zeros
+        return tf.sqrt(sums), maxes, zeros, zeros
 
     def slow():
-        l2s, out_max, nans, infs = [], [], [], []
-        for x, max_abs, sumsq in zip(tensors, maxes, sums):
-            l2 = tf.sqrt(_exact_sumsq(x, sumsq, max_abs))
-            max_abs, nan, inf = _counts(x, l2, max_abs)
-            l2s.append(l2)
-            out_max.append(max_abs)
-            nans.append(nan)
-            infs.append(inf)
-        return tf.stack(l2s), tf.stack(out_max), tf.stack(nans), tf.stack(infs)
+        out = []
+        for i, (_, max_abs, sumsq) in zip(alone, singles):
+            l2 = tf.sqrt(_exact_sumsq(tensors[i], sumsq, max_abs))
+            out.append((l2,) + _counts(tensors[i], l2, max_abs))
+        per_block = [block.slow(r[2], r[1]) for (block, _), r in zip(built, rows)]
+        return tuple(ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4))
 
-    ok = tf.reduce_all(tf.stack([_fast_ok(x, s, m) for x, s, m in zip(tensors, sums, maxes)]))
-    l2s, maxes, nans, infs = tf.cond(ok, fast, slow)
-    return [tf.stack(hashes), l2s, maxes, nans, infs]
+    l2s, maxes, nans, infs = tf.cond(_fast_ok(tensors, sums, maxes), fast, slow)
+    return [hashes, l2s, maxes, nans, infs]
 
 
 _device_part_xla = tf.function(functools.partial(_device_part, fused=_VARIADIC_REDUCE is not None),
