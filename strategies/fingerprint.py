@@ -19,6 +19,12 @@ it. One condition for all the tensors of a call decides whether any of them
 needs either: two conditions per tensor cost XLA's CPU runtime about a sixth of
 the pass.
 
+Tensors under ``MAX_BLOCK_WORDS`` words (biases, norms, the loss, small and
+middle-sized kernels) are read together, as the zero-padded rows of one block per dtype and row length,
+with the padding left out of the hash. XLA compiles every kernel on its own, on
+every device: read one by one, the hundreds of small tensors of a real model
+cost seconds of compilation each time the step is traced.
+
 The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
 bit for bit, with and without XLA.
 """
@@ -264,38 +270,71 @@ def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
     return tf.cond(finite, lambda: (max_abs, zero, zero), count)
 
 
-def _exact_sumsq(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
-    """The sum of squares again in float64 where float32 columns may have lost too much (``_narrow_ok``)."""
+@functools.lru_cache(maxsize=None)
+def _three_sums_reducer():
+    @tf.function(autograph=False)
+    def reducer(a0, b0, c0, a1, b1, c1):
+        return a0 + a1, b0 + b1, c0 + c1
+
+    spec = [tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)]
+    return reducer.get_concrete_function(*(spec + spec))
+
+
+def _slow_one(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
+    """(l2, max_abs, nan, inf) of a float tensor read alone, in the slow branch of ``_device_part``.
+
+    One more pass gives the NaN and Inf counts and the sum of squares in
+    float64 (used where the float32 columns may have lost too much, see
+    ``_narrow_ok``), in one reduction: the branch runs rarely, but XLA compiles
+    it for every tensor.
+    """
+    zero = tf.zeros([], tf.int64)
     n = x.shape.num_elements()
-    if x.dtype != tf.float32 or not n:
-        return sumsq
-    return tf.cond(_narrow_ok(sumsq, max_abs, n), lambda: sumsq,
-                   lambda: tf.reduce_sum(tf.square(tf.cast(x, tf.float64))))
+    if not x.dtype.is_floating or not n:
+        return tf.sqrt(sumsq), max_abs, zero, zero
+    operands = [tf.cast(tf.math.is_nan(x), tf.int64), tf.cast(tf.math.is_inf(x), tf.int64),
+                tf.square(tf.cast(x, tf.float64))]
+    if fused:
+        nan, inf, exact = _VARIADIC_REDUCE(operands, [zero, zero, tf.zeros([], tf.float64)],
+                                           dimensions_to_reduce=[0], reducer=_three_sums_reducer())
+    else:
+        nan, inf, exact = (tf.reduce_sum(t) for t in operands)
+    if x.dtype == tf.float32:
+        sumsq = tf.where(_narrow_ok(sumsq, max_abs, n), sumsq, exact)
+    # NaN wins over inf over finite values, whatever max did with NaN.
+    return tf.sqrt(sumsq), tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
 
 
 def _block_key(x: tf.Tensor):
-    """(dtype, words per row) of the block a small flat tensor is read in; None for a tensor read alone.
+    """(dtype, words per row) of the block a flat tensor is read in; None for a tensor read alone.
 
-    Tensors under ``SLICES * MIN_SLICE`` words (biases, scales, the loss, a
-    model's small layers) are read together, as the zero-padded rows of one
-    block per dtype and power-of-two row length. Their hash, max |x| and sum of
-    squares then come from one reduction over the rows, not from kernels of
-    their own: XLA compiles each kernel separately, and a model has hundreds of
-    such tensors per replica (5 kinds of each variable), which would cost
-    seconds of compilation each time the step is traced, on every device.
+    Tensors under ``MAX_BLOCK_WORDS`` words (biases, norms, the loss, the
+    kernels of small and middle-sized layers) are read together, as the
+    zero-padded rows of one block per dtype and power-of-two row length. Their
+    hash, max |x| and sum of squares then come from the block's reductions, not
+    from kernels of their own: XLA compiles each kernel separately, on every
+    device, and a model has hundreds of such tensors per replica (5 kinds of
+    each variable), which cost seconds of compilation when the step is traced.
+    The block is a copy, a cost that is small next to those tensors' share of
+    the pass; larger tensors are read alone, where they are.
     """
     dtype = tf.uint8 if x.dtype == tf.bool else x.dtype
     words = -(-int(x.shape[0]) // (8 // dtype.size))
-    if words >= SLICES * MIN_SLICE:
+    if words >= MAX_BLOCK_WORDS:
         return None
     return dtype, max(_MIN_ROW_WORDS, 1 << max(words - 1, 0).bit_length())
 
 
+MAX_BLOCK_WORDS = 1 << 16
 _MIN_ROW_WORDS = 64
 
 
 class _Block:
-    """Small flat tensors of one dtype as the rows of a zero-padded [rows, words, elements per word] block."""
+    """Flat tensors of one dtype as the rows of a zero-padded [rows, slices, words, elements per word] block.
+
+    A row of at least ``SLICES * MIN_SLICE`` words is cut into ``SLICES``
+    slices read side by side, as ``_hash_max_sumsq`` reads a large tensor.
+    """
 
     def __init__(self, tensors: Sequence[tf.Tensor], dtype: tf.DType, row_words: int):
         per_word = 8 // dtype.size
@@ -307,27 +346,32 @@ class _Block:
             parts += [x, tf.zeros([width - n], dtype)] if n < width else [x]
         self.dtype = dtype
         self.sizes = np.array([int(x.shape[0]) for x in tensors], np.int64)
-        # One concatenation (that XLA fuses into the reduction), not a padding kernel per tensor.
-        self.pieces = tf.reshape(tf.concat(parts, 0), [len(tensors), row_words, per_word])
+        self.slices = SLICES if row_words >= SLICES * MIN_SLICE else 1
+        self.pieces = tf.reshape(tf.concat(parts, 0),
+                                 [len(tensors), self.slices, row_words // self.slices, per_word])
         self.words = -(-self.sizes // per_word)
 
     def hash_max_sumsq(self, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Per row, as ``_hash_max_sumsq``: hash (int64 bits), max |x| and sum of squares (float64)."""
-        pieces, dtype = self.pieces, self.dtype
-        row_words = int(pieces.shape[1])
-        gold = np.uint64(hashing.INDEX_MUL_64)
+        pieces, dtype, slices = self.pieces, self.dtype, self.slices
+        m = int(pieces.shape[2])
         with np.errstate(over="ignore"):
-            index = np.arange(1, row_words + 1, dtype=np.uint64) * gold
             lengths = hashing.mix64(self.sizes.astype(np.uint64) * np.uint64(dtype.size))
         # The padding's words are not the tensor's: they add nothing to the hash.
-        real = tf.range(row_words, dtype=tf.int64)[None, :] < tf.constant(self.words[:, None])
-        mixed = tf.where(real, _mix64(_words(pieces) + tf.constant(index[None, :])), _u64(0))
+        index = tf.reshape(tf.range(slices * m, dtype=tf.int64), [1, slices, m])
+        real = index < tf.constant(self.words[:, None, None])
+        mixed = tf.where(real, _mix64(_words(pieces) + _index_terms(slices, m, 1, fused)[None]), _u64(0))
         keys = _abs_key(pieces)
-        values = pieces if dtype == tf.float32 else tf.cast(pieces, tf.float64)
+        narrow = dtype == tf.float32
+        values = pieces if narrow else tf.cast(pieces, tf.float64)
         part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
-        for k in range(1, int(pieces.shape[2])):
+        for k in range(1, int(pieces.shape[3])):
             part_key = tf.maximum(part_key, keys[..., k])
             part_sq = part_sq + values[..., k] * values[..., k]
+        if slices == 1:
+            mixed, part_key, part_sq = mixed[:, 0], part_key[:, 0], part_sq[:, 0]
+        else:  # float32: the 2 * SLICES squares of a column summed in float32, as for a large tensor
+            mixed, part_key, part_sq = _reduce_slices(mixed, part_key, part_sq, fused, axis=1)
         total, max_key, sumsq = _reduce_slices(mixed, part_key, tf.cast(part_sq, tf.float64), fused, axis=1)
         total += tf.constant(lengths)
         return tf.bitcast(total, tf.int64), _abs_value(max_key, dtype), sumsq
@@ -337,11 +381,11 @@ class _Block:
         zero = tf.zeros([len(self.sizes)], tf.int64)
         if not self.dtype.is_floating:
             return tf.sqrt(sumsq), max_abs, zero, zero
-        exact = tf.reduce_sum(tf.square(tf.cast(self.pieces, tf.float64)), [1, 2])
+        exact = tf.reduce_sum(tf.square(tf.cast(self.pieces, tf.float64)), [1, 2, 3])
         if self.dtype == tf.float32:
             sumsq = tf.where(_narrow_ok(sumsq, max_abs, self.sizes.astype(np.float64)), sumsq, exact)
-        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(self.pieces), tf.int64), [1, 2])
-        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(self.pieces), tf.int64), [1, 2])
+        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(self.pieces), tf.int64), [1, 2, 3])
+        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(self.pieces), tf.int64), [1, 2, 3])
         # NaN wins over inf over finite values, whatever max did with NaN.
         return tf.sqrt(sumsq), tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
 
@@ -393,8 +437,7 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
     def slow():
         out = []
         for i, (_, max_abs, sumsq) in zip(alone, singles):
-            l2 = tf.sqrt(_exact_sumsq(tensors[i], sumsq, max_abs))
-            out.append((l2,) + _counts(tensors[i], l2, max_abs))
+            out.append(_slow_one(tensors[i], sumsq, max_abs, fused))
         per_block = [block.slow(r[2], r[1]) for (block, _), r in zip(built, rows)]
         return tuple(ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4))
 

@@ -566,7 +566,8 @@ class TraceSession:
             self.writers.append(writer)
             initial = [self._read_component(self._variables[self.tensors[c].key], i) for c in initial_cols]
             with tf.device(self._strategy.extended.worker_devices[i]):
-                fps = [t.numpy() for t in fingerprint_all(initial)]
+                # Once per run: plain kernels, not an XLA compilation (seconds per device) for one call.
+                fps = [t.numpy() for t in fingerprint_all(initial, use_xla=False)]
             full = [t.numpy() for t in initial]
             writer.write_initial(step0, fps, full)
         self._buffer = self._make_buffer(n_local)

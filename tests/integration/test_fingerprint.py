@@ -39,6 +39,11 @@ CASES = {
     "f32 sliced, mass in squares below float32's range": np.concatenate(
         [np.full(20000, 1e-20), [1e-18]]).astype(np.float32),
     "f32 scalar, square overflows float32": np.float32(3e38),
+    # Large enough to be read alone, not as a block's row.
+    "f32 read alone, odd length": _RNG.standard_normal(2 ** 17 + 3).astype(np.float32),
+    "f32 read alone, nan and inf": np.concatenate([_RNG.standard_normal(2 ** 17), [np.nan, -np.inf]]).astype(
+        np.float32),
+    "f32 read alone, squares overflow float32": (_RNG.standard_normal(2 ** 17 + 1) * 1e25).astype(np.float32),
 }
 
 
