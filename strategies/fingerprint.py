@@ -20,10 +20,11 @@ needs either: two conditions per tensor cost XLA's CPU runtime about a sixth of
 the pass.
 
 Tensors under ``MAX_BLOCK_WORDS`` words (biases, norms, the loss, small and
-middle-sized kernels) are read together, as the zero-padded rows of one block per dtype and row length,
-with the padding left out of the hash. XLA compiles every kernel on its own, on
-every device: read one by one, the hundreds of small tensors of a real model
-cost seconds of compilation each time the step is traced.
+middle-sized kernels) are read together, as the zero-padded rows of one block
+per dtype and row length, with the padding left out of the hash. XLA compiles
+every kernel on its own, on every device: read one by one, the hundreds of
+small tensors of a real model cost seconds of compilation each time the step
+is traced.
 
 The arithmetic follows ``tracer.hashing`` exactly; tests check that they agree
 bit for bit, with and without XLA.
