@@ -505,6 +505,15 @@ class TraceWriter:
                 # flush would retry the failed write; see close). A refused or
                 # failed raw write left HDF5's state intact.
                 self._hdf5_failed = not isinstance(exc, (_OutOfSpace, _RawWriteError))
+                if isinstance(exc, _OutOfSpace):
+                    # Nothing of the refused step reached the file, and the reserve is still free:
+                    # make the rows written so far durable now, before the other writers on this file
+                    # system use the space up (the flush at close could then fail, and lose them).
+                    try:
+                        with _HDF5_TURN:
+                            self._flush()
+                    except Exception:  # noqa: BLE001 - the refusal is the error to report
+                        self._hdf5_failed = True
                 self._failed = True
                 self._error = _without_frames(exc)
             finally:

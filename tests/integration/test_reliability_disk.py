@@ -7,6 +7,7 @@ written before the limit stay readable.
 """
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from tracer.reader import Run
+from tracer.reader import Run, TraceReader
 
 pytestmark = pytest.mark.tf
 
@@ -67,6 +68,13 @@ def test_full_trace_directory(small_dir, mode):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "train.py: done, 30 steps" in proc.stdout
         assert "RuntimeWarning: tracer: writing" in proc.stderr and "tracing is disabled" in proc.stderr
+    # Each file holds the steps its writer said stay readable: the rows written before the refusal were
+    # flushed while the space for it was still there, before the other replica's writer used it up.
+    said = re.findall(r"(/\S+?\.h5)\b.*? (\d+) steps written before the error stay readable", proc.stderr)
+    assert said, proc.stderr[-3000:]
+    for path, count in said:
+        with TraceReader(path) as r:
+            assert len(r.steps()) == int(count), (path, count)
     with Run(trace) as run:
         assert 0 < run.n_rows < 30
         assert list(run.steps) == list(range(run.n_rows))
