@@ -587,12 +587,18 @@ class TraceWriter:
         if free < need:
             raise _OutOfSpace(f"file system full ({free} bytes free, this step needs about "
                               f"{need} including a {SPACE_RESERVE}-byte reserve to close the file)")
+        near = free < 2 * need
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
         if limit is not None and limit != resource.RLIM_INFINITY:
             size = os.path.getsize(self.path)
             if size + need > limit:
                 raise _OutOfSpace(f"file size limit reached (RLIMIT_FSIZE {limit} bytes, file "
                                   f"{size} bytes, this step needs about {need})")
+            near = near or size + 2 * need > limit
+        if near and self._pending:
+            # Close to the limit: the rows waiting for the next flush become durable now, while there is
+            # room for them; other writers on this file system may take the rest before that flush.
+            self._flush()
 
     def _append(self, group: str, step: int, fps, full, cols) -> List[Tuple[int, np.ndarray]]:
         """Write the full tensors of one step now; queue its fingerprint row for the next flush.
