@@ -281,27 +281,28 @@ def _three_sums_reducer():
     return reducer.get_concrete_function(*(spec + spec))
 
 
-def _slow_one(x: tf.Tensor, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
-    """(l2, max_abs, nan, inf) of a float tensor read alone, in the slow branch of ``_device_part``.
+def _slow(values: tf.Tensor, axis: int, sizes, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
+    """(l2, max_abs, nan, inf) in the slow branch of ``_device_part``, of a tensor (``axis`` 0) or of a block's rows.
 
     One more pass gives the NaN and Inf counts and the sum of squares in
     float64 (used where the float32 columns may have lost too much, see
     ``_narrow_ok``), in one reduction: the branch runs rarely, but XLA compiles
-    it for every tensor.
+    it for every tensor read alone and every block. ``sizes``: elements per
+    tensor (``_narrow_ok``); padding is zeros, which change no result.
     """
-    zero = tf.zeros([], tf.int64)
-    n = x.shape.num_elements()
-    if not x.dtype.is_floating or not n:
+    zero = tf.zeros_like(sumsq, tf.int64)
+    if not values.dtype.is_floating:
         return tf.sqrt(sumsq), max_abs, zero, zero
-    operands = [tf.cast(tf.math.is_nan(x), tf.int64), tf.cast(tf.math.is_inf(x), tf.int64),
-                tf.square(tf.cast(x, tf.float64))]
+    operands = [tf.cast(tf.math.is_nan(values), tf.int64), tf.cast(tf.math.is_inf(values), tf.int64),
+                tf.square(tf.cast(values, tf.float64))]
     if fused:
-        nan, inf, exact = _VARIADIC_REDUCE(operands, [zero, zero, tf.zeros([], tf.float64)],
-                                           dimensions_to_reduce=[0], reducer=_three_sums_reducer())
+        nan, inf, exact = _VARIADIC_REDUCE(operands, [tf.zeros([], tf.int64), tf.zeros([], tf.int64),
+                                                      tf.zeros([], tf.float64)],
+                                           dimensions_to_reduce=[axis], reducer=_three_sums_reducer())
     else:
-        nan, inf, exact = (tf.reduce_sum(t) for t in operands)
-    if x.dtype == tf.float32:
-        sumsq = tf.where(_narrow_ok(sumsq, max_abs, n), sumsq, exact)
+        nan, inf, exact = (tf.reduce_sum(t, axis) for t in operands)
+    if values.dtype == tf.float32:
+        sumsq = tf.where(_narrow_ok(sumsq, max_abs, sizes), sumsq, exact)
     # NaN wins over inf over finite values, whatever max did with NaN.
     return tf.sqrt(sumsq), tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
 
@@ -377,18 +378,10 @@ class _Block:
         total += tf.constant(lengths)
         return tf.bitcast(total, tf.int64), _abs_value(max_key, dtype), sumsq
 
-    def slow(self, sumsq: tf.Tensor, max_abs: tf.Tensor):
-        """(l2, max_abs, nan, inf) per row, as ``_device_part``'s slow branch gives them (see ``_Block``)."""
-        zero = tf.zeros([len(self.sizes)], tf.int64)
-        if not self.dtype.is_floating:
-            return tf.sqrt(sumsq), max_abs, zero, zero
-        exact = tf.reduce_sum(tf.square(tf.cast(self.pieces, tf.float64)), [1, 2, 3])
-        if self.dtype == tf.float32:
-            sumsq = tf.where(_narrow_ok(sumsq, max_abs, self.sizes.astype(np.float64)), sumsq, exact)
-        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(self.pieces), tf.int64), [1, 2, 3])
-        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(self.pieces), tf.int64), [1, 2, 3])
-        # NaN wins over inf over finite values, whatever max did with NaN.
-        return tf.sqrt(sumsq), tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
+    def slow(self, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
+        """(l2, max_abs, nan, inf) per row, for the slow branch of ``_device_part`` (see ``_slow``)."""
+        rows = tf.reshape(self.pieces, [len(self.sizes), -1])
+        return _slow(rows, 1, self.sizes.astype(np.float64), sumsq, max_abs, fused)
 
 
 def _fast_ok(tensors: Sequence[tf.Tensor], sumsq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
@@ -438,8 +431,9 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
     def slow():
         out = []
         for i, (_, max_abs, sumsq) in zip(alone, singles):
-            out.append(_slow_one(tensors[i], sumsq, max_abs, fused))
-        per_block = [block.slow(r[2], r[1]) for (block, _), r in zip(built, rows)]
+            x = tensors[i]
+            out.append(_slow(x, 0, x.shape.num_elements(), sumsq, max_abs, fused))
+        per_block = [block.slow(r[2], r[1], fused) for (block, _), r in zip(built, rows)]
         return tuple(ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4))
 
     l2s, maxes, nans, infs = tf.cond(_fast_ok(tensors, sums, maxes), fast, slow)

@@ -505,15 +505,6 @@ class TraceWriter:
                 # flush would retry the failed write; see close). A refused or
                 # failed raw write left HDF5's state intact.
                 self._hdf5_failed = not isinstance(exc, (_OutOfSpace, _RawWriteError))
-                if isinstance(exc, _OutOfSpace):
-                    # Nothing of the refused step reached the file, and the reserve is still free:
-                    # make the rows written so far durable now, before the other writers on this file
-                    # system use the space up (the flush at close could then fail, and lose them).
-                    try:
-                        with _HDF5_TURN:
-                            self._flush()
-                    except Exception:  # noqa: BLE001 - the refusal is the error to report
-                        self._hdf5_failed = True
                 self._failed = True
                 self._error = _without_frames(exc)
             finally:
@@ -573,32 +564,37 @@ class TraceWriter:
         self._dataset(schema.META_FLUSHED)[:] = counts
         f.flush()
 
-    def _check_space(self, nbytes: int) -> None:
+    def _check_space(self, nbytes: int, reserve: int = SPACE_RESERVE) -> None:
         """Refuse a write that would fill the file system or pass RLIMIT_FSIZE.
 
         HDF5 does not recover from ENOSPC/EFBIG in the middle of a write: its
         metadata cache keeps retrying the failed write, and h5py has been seen
         to crash the process on the way out. Stopping before the limit keeps
-        the file consistent, with SPACE_RESERVE left to flush and close it.
+        the file consistent, with ``reserve`` (SPACE_RESERVE) left to flush
+        and close it; fingerprint rows, that flush, may use it (``reserve=0``).
+        Close to the limit, the rows waiting for the next flush are flushed
+        first, while there is room for them: after a refusal, the other writers
+        on this file system may leave none for the flush at close.
         """
-        need = 2 * nbytes + SPACE_RESERVE + _raw_in_flight[0]
-        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-        free = st.f_bavail * st.f_frsize
+        need = 2 * nbytes + reserve + _raw_in_flight[0]
+        free, size, limit = self._room()
+        if reserve and self._pending and (free < 2 * need or (limit is not None and size + 2 * need > limit)):
+            self._flush()
+            free, size, limit = self._room()
         if free < need:
             raise _OutOfSpace(f"file system full ({free} bytes free, this step needs about "
-                              f"{need} including a {SPACE_RESERVE}-byte reserve to close the file)")
-        near = free < 2 * need
+                              f"{need} including a {reserve}-byte reserve to close the file)")
+        if limit is not None and size + need > limit:
+            raise _OutOfSpace(f"file size limit reached (RLIMIT_FSIZE {limit} bytes, file "
+                              f"{size} bytes, this step needs about {need})")
+
+    def _room(self) -> Tuple[int, int, Optional[int]]:
+        """(free bytes on the file system, file size, RLIMIT_FSIZE or None); the size only under a limit."""
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
-        if limit is not None and limit != resource.RLIM_INFINITY:
-            size = os.path.getsize(self.path)
-            if size + need > limit:
-                raise _OutOfSpace(f"file size limit reached (RLIMIT_FSIZE {limit} bytes, file "
-                                  f"{size} bytes, this step needs about {need})")
-            near = near or size + 2 * need > limit
-        if near and self._pending:
-            # Close to the limit: the rows waiting for the next flush become durable now, while there is
-            # room for them; other writers on this file system may take the rest before that flush.
-            self._flush()
+        if limit is None or limit == resource.RLIM_INFINITY:
+            return st.f_bavail * st.f_frsize, 0, None
+        return st.f_bavail * st.f_frsize, os.path.getsize(self.path), limit
 
     def _append(self, group: str, step: int, fps, full, cols) -> List[Tuple[int, np.ndarray]]:
         """Write the full tensors of one step now; queue its fingerprint row for the next flush.
@@ -712,12 +708,12 @@ class TraceWriter:
 
     def _write_pending(self) -> None:
         if self._pending:
-            rows, self._pending = self._pending, []
-            self._write_rows("", rows)
+            self._write_rows("", self._pending)  # kept if refused: the flush at close tries again
+            self._pending = []
 
     def _write_rows(self, group: str, rows: List[Tuple[int, List[np.ndarray]]]) -> None:
         """Append fingerprint rows as one block per dataset, the step index last."""
-        self._check_space(sum(v.nbytes for _, row in rows for v in row) + 8 * len(rows))
+        self._check_space(sum(v.nbytes for _, row in rows for v in row) + 8 * len(rows), reserve=0)
         prefix = f"{group}/" if group else ""
         steps = self._dataset(f"{prefix}{schema.STEPS}")
         start, n = steps.shape[0], len(rows)

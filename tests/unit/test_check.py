@@ -56,3 +56,12 @@ def test_text_output_and_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"tracer.check: error: {tmp_path / 'missing'}: no such file or directory")
     assert err.count("\n") == 1
+
+
+def test_a_run_without_steps_says_so(tmp_path, capsys):
+    """A job that died before its first update: its initial weights are checked, and no step range is made up."""
+    run = write_run(tmp_path / "run", steps=0, replicas=2)
+    assert main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "in no step (none recorded)" in out and "steps compared: 0 (no step recorded)" in out
+    assert "None" not in out
