@@ -434,14 +434,20 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
             x = tensors[i]
             out.append(_slow(x, 0, x.shape.num_elements(), sumsq, max_abs, fused))
         per_block = [block.slow(r[2], r[1], fused) for (block, _), r in zip(built, rows)]
-        return tuple(ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4))
+        results = [ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4)]
+        if fused and _BARRIER is not None:
+            # XLA turns a condition whose branches hold only element-wise ops and reductions into a
+            # select that computes both branches, every call: the barrier keeps this branch conditional.
+            results = _BARRIER(results)
+        return tuple(results)
 
     l2s, maxes, nans, infs = tf.cond(_fast_ok(tensors, sums, maxes), fast, slow)
     return [hashes, l2s, maxes, nans, infs]
 
 
-_device_part_xla = tf.function(functools.partial(_device_part, fused=_VARIADIC_REDUCE is not None),
-                               jit_compile=True, autograph=False)
+@functools.partial(tf.function, jit_compile=True, autograph=False)
+def _device_part_xla(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    return _device_part(tensors, fused=_VARIADIC_REDUCE is not None)
 
 
 def _dynamic_one(x: tf.Tensor) -> List[tf.Tensor]:

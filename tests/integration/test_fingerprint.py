@@ -94,3 +94,20 @@ def test_nan_payloads_and_signed_zero_change_the_in_graph_hash(tf_cpus):
     values = [np.float32([0.0]), np.float32([-0.0]), quiet, payload]
     hashes = fingerprint_all([tf.constant(v) for v in values])[0].numpy()
     assert len(set(hashes.tolist())) == 4
+
+
+@pytest.mark.parametrize("shapes", [[(2 ** 17,), (2 ** 17 + 8,)], [(1024,), (1024,)], [(2 ** 17,), (10,)]],
+                         ids=["read-alone-only", "one-block", "alone-and-block"])
+def test_rare_branch_stays_conditional(tf_cpus, shapes):
+    """The NaN/Inf and float64 branch is a conditional in the compiled pass, whatever the mix of tensors.
+
+    XLA turns a condition whose branches hold only element-wise ops and reductions into a select that
+    computes both every call: a second full pass over every byte, at about half the pass's cost again.
+    """
+    import tensorflow as tf
+
+    from strategies import fingerprint
+
+    tensors = [tf.zeros(s, tf.float32) for s in shapes]
+    hlo = fingerprint._device_part_xla.experimental_get_compiler_ir(tensors)(stage="optimized_hlo")
+    assert "conditional(" in hlo
