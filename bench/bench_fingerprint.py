@@ -7,8 +7,12 @@ Fingerprints the tensors the capture benchmark's MLP records per replica and
 step (5 kinds x its 6 variables, plus the input batch, loss and learning
 rate: 6.6 M float32 elements) with ``strategies.fingerprint.fingerprint_all``
 inside a ``tf.function``, one intra-op thread, variables as inputs (as in a
-training step). Prints the best of the rounds per tensor group, in ms and in
-ns per element: the figure that decides the capture overhead on a CPU.
+training step). Also an image batch of 32x224x224x3, once with its shape known
+and once with the batch size unknown when the step is traced (a dataset batched
+without ``drop_remainder``). Prints the best of the rounds per tensor group, in
+ms and in ns per element: the figure that decides the capture overhead on a CPU.
+XLA may still run independent kernels of one call on other cores; for one core,
+run it under ``taskset -c 0``.
 
 With ``--against FILE`` it also loads another version of the fingerprint module
 and runs both on the same variables, call by call interleaved (this machine's
@@ -31,7 +35,11 @@ GROUPS = {
     "small (23 tensors)": [(1024,), (1024,), (1024, 10), (10,)] * 5 + [(64, 256), (), ()],
     "all of one replica's step (33 tensors)": [(256, 1024), (1024,), (1024, 1024), (1024,), (1024, 10), (10,)] * 5
     + [(64, 256), (), ()],
+    "image batch 32x224x224x3": [(32, 224, 224, 3)],
+    "same, batch size unknown": [(32, 224, 224, 3)],
 }
+# Groups traced with the first axis unknown, as a dataset batched without drop_remainder feeds a step.
+UNKNOWN_FIRST_AXIS = {"same, batch size unknown"}
 
 
 def main(argv=None) -> int:
@@ -66,7 +74,12 @@ def main(argv=None) -> int:
         variables = [tf.Variable(rng.standard_normal(s).astype(np.float32)) for s in shapes]
         outs = []
         for version, fingerprint_all in versions.items():
-            fn = tf.function(lambda vs=variables, f=fingerprint_all: f([v.read_value() for v in vs]))
+            if name in UNKNOWN_FIRST_AXIS:
+                inner = tf.function(lambda *xs, f=fingerprint_all: f(list(xs)), input_signature=[
+                    tf.TensorSpec([None] + list(s[1:]), tf.float32) for s in shapes])
+                fn = tf.function(lambda vs=variables, g=inner: g(*[v.read_value() for v in vs]))
+            else:
+                fn = tf.function(lambda vs=variables, f=fingerprint_all: f([v.read_value() for v in vs]))
             outs.append([o.numpy() for o in fn()])  # trace and compile
             runs[name, version] = (fn, sum(int(np.prod(s)) for s in shapes))
         for other in outs[1:]:

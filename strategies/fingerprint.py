@@ -123,6 +123,20 @@ def _words(pieces: tf.Tensor) -> tf.Tensor:
     return word
 
 
+def _key_and_square(pieces: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Per word of ``pieces`` [..., elements per word]: the largest ``_abs_key`` and the sum of squares.
+
+    float32 squares are summed in float32 (see the module doc), others in float64.
+    """
+    keys = _abs_key(pieces)
+    values = pieces if pieces.dtype == tf.float32 else tf.cast(pieces, tf.float64)
+    key, square = keys[..., 0], values[..., 0] * values[..., 0]
+    for k in range(1, int(pieces.shape[-1])):
+        key = tf.maximum(key, keys[..., k])
+        square = square + values[..., k] * values[..., k]
+    return key, square
+
+
 def _pieces(x: tf.Tensor) -> List[Tuple[tf.Tensor, int]]:
     """[(pieces [slices, words per slice, elements per word], index of the first word)].
 
@@ -219,20 +233,14 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     partial results that a short second reduction finishes.
     """
     key_dtype = _abs_key_dtype(x.dtype)
-    narrow = x.dtype == tf.float32
     total = _u64(0)
     max_key = tf.zeros([], key_dtype)
     sumsq = tf.zeros([], tf.float64)
     for pieces, first in _pieces(x):
         slices, m = int(pieces.shape[0]), int(pieces.shape[1])
         mixed = _mix64(_words(pieces) + _index_terms(slices, m, first, fused))
-        keys = _abs_key(pieces)
         # float32: the 2 * SLICES squares of a column are summed in float32 (see the module doc).
-        values = pieces if narrow else tf.cast(pieces, tf.float64)
-        part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
-        for k in range(1, int(pieces.shape[2])):
-            part_key = tf.maximum(part_key, keys[..., k])
-            part_sq = part_sq + values[..., k] * values[..., k]
+        part_key, part_sq = _key_and_square(pieces)
         if slices == 1:  # nothing to reduce across: one kernel less per small tensor
             col_hash, col_key, col_sq = mixed[0], part_key[0], part_sq[0]
         else:
@@ -254,23 +262,6 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
     return tf.bitcast(total, tf.int64), max_abs, sumsq
 
 
-def _counts(x: tf.Tensor, l2: tf.Tensor, max_abs: tf.Tensor):
-    """(max_abs, nan, inf), counting only when something is not finite."""
-    zero = tf.zeros([], tf.int64)
-    if not x.dtype.is_floating or x.shape.num_elements() == 0:
-        return max_abs, zero, zero
-    xf = tf.reshape(x, [-1])
-
-    def count():
-        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(xf), tf.int64))
-        inf = tf.reduce_sum(tf.cast(tf.math.is_inf(xf), tf.int64))
-        # NaN wins over inf over finite values, whatever max did with NaN.
-        return tf.where(nan > 0, tf.constant(np.nan, tf.float64), max_abs), nan, inf
-
-    finite = tf.logical_and(tf.math.is_finite(l2), tf.math.is_finite(max_abs))
-    return tf.cond(finite, lambda: (max_abs, zero, zero), count)
-
-
 @functools.lru_cache(maxsize=None)
 def _three_sums_reducer():
     @tf.function(autograph=False)
@@ -281,8 +272,20 @@ def _three_sums_reducer():
     return reducer.get_concrete_function(*(spec + spec))
 
 
+def _with_barrier(results: Sequence[tf.Tensor], fused: bool) -> Tuple[tf.Tensor, ...]:
+    """A rare branch's results, kept behind an optimization barrier under XLA.
+
+    XLA turns a condition whose branches hold only element-wise ops and
+    reductions into a select that computes both branches, every call: the
+    barrier keeps the branch conditional.
+    """
+    if fused and _BARRIER is not None:
+        return tuple(_BARRIER(list(results)))
+    return tuple(results)
+
+
 def _slow(values: tf.Tensor, axis: int, sizes, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
-    """(l2, max_abs, nan, inf) in the slow branch of ``_device_part``, of a tensor (``axis`` 0) or of a block's rows.
+    """(l2, max_abs, nan, inf) in a rare branch, of a tensor (``axis`` 0) or of a block's rows.
 
     One more pass gives the NaN and Inf counts and the sum of squares in
     float64 (used where the float32 columns may have lost too much, see
@@ -363,13 +366,7 @@ class _Block:
         index = tf.reshape(tf.range(slices * m, dtype=tf.int64), [1, slices, m])
         real = index < tf.constant(self.words[:, None, None])
         mixed = tf.where(real, _mix64(_words(pieces) + _index_terms(slices, m, 1, fused)[None]), _u64(0))
-        keys = _abs_key(pieces)
-        narrow = dtype == tf.float32
-        values = pieces if narrow else tf.cast(pieces, tf.float64)
-        part_key, part_sq = keys[..., 0], values[..., 0] * values[..., 0]
-        for k in range(1, int(pieces.shape[3])):
-            part_key = tf.maximum(part_key, keys[..., k])
-            part_sq = part_sq + values[..., k] * values[..., k]
+        part_key, part_sq = _key_and_square(pieces)
         if slices == 1:
             mixed, part_key, part_sq = mixed[:, 0], part_key[:, 0], part_sq[:, 0]
         else:  # float32: the 2 * SLICES squares of a column summed in float32, as for a large tensor
@@ -434,12 +431,7 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
             x = tensors[i]
             out.append(_slow(x, 0, x.shape.num_elements(), sumsq, max_abs, fused))
         per_block = [block.slow(r[2], r[1], fused) for (block, _), r in zip(built, rows)]
-        results = [ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4)]
-        if fused and _BARRIER is not None:
-            # XLA turns a condition whose branches hold only element-wise ops and reductions into a
-            # select that computes both branches, every call: the barrier keeps this branch conditional.
-            results = _BARRIER(results)
-        return tuple(results)
+        return _with_barrier([ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4)], fused)
 
     l2s, maxes, nans, infs = tf.cond(_fast_ok(tensors, sums, maxes), fast, slow)
     return [hashes, l2s, maxes, nans, infs]
@@ -450,38 +442,71 @@ def _device_part_xla(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
     return _device_part(tensors, fused=_VARIADIC_REDUCE is not None)
 
 
-def _dynamic_one(x: tf.Tensor) -> List[tf.Tensor]:
+def _dynamic_one(x: tf.Tensor, fused: bool) -> List[tf.Tensor]:
     """[hash, l2, max_abs, nan, inf] of a flat tensor whose length is known only at run time.
 
-    An input batch of unknown size: small, so one plain pass per statistic, the
-    squares summed in float64. Same definitions as ``_hash_max_sumsq``, with the
-    word count and index terms taken from the run-time length.
+    An input batch of unknown size (a dataset batched without
+    ``drop_remainder``), as large as a model's weights for images. It is read
+    as ``_hash_max_sumsq`` reads a tensor of known length: the bulk as
+    ``SLICES`` slices side by side, whose partial results shrink ``SLICES``-fold
+    twice, and the last few elements as one zero-padded row whose padding is
+    left out of the hash. Only the lengths are unknown when the step is traced;
+    XLA compiles the pass for each run-time shape.
     """
-    dtype = x.dtype
-    flat = tf.cast(x, tf.uint8) if dtype == tf.bool else x
-    width = flat.dtype.size
+    flat = tf.cast(x, tf.uint8) if x.dtype == tf.bool else x
+    dtype, width = flat.dtype, flat.dtype.size
     per_word = 8 // width
     n = tf.size(flat, out_type=tf.int64)
-    pad = tf.math.floormod(-n, per_word)
-    pieces = tf.reshape(tf.concat([flat, tf.zeros(tf.reshape(pad, [1]), flat.dtype)], 0), [-1, per_word])
-    words = _words(pieces)
-    index = tf.cast(tf.range(1, tf.size(words, out_type=tf.int64) + 1), tf.uint64) * _u64(hashing.INDEX_MUL_64)
-    total = tf.reduce_sum(_mix64(words + index)) + _mix64(tf.cast(n, tf.uint64) * _u64(width))
-    key_dtype = _abs_key_dtype(flat.dtype)
-    max_key = tf.maximum(tf.zeros([], key_dtype), tf.reduce_max(_abs_key(flat)))
-    max_abs = _abs_value(max_key, flat.dtype)
-    l2 = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(flat, tf.float64))))
-    max_abs, nan, inf = _counts(x, l2, max_abs)
+    unit = SLICES ** 3 * per_word  # the bulk: SLICES slices of a multiple of SLICES**2 words
+    bulk = n // unit * unit
+    gold = _u64(hashing.INDEX_MUL_64)
+
+    # The bulk: word j (from 0) of slice s, column c is j = s * m + c, with index term (j + 1) * GOLDEN.
+    main = tf.reshape(flat[:bulk], [SLICES, -1, per_word])
+    m = tf.shape(main, out_type=tf.int64)[1]
+    col = tf.cast(tf.range(SLICES, dtype=tf.int64) * m + 1, tf.uint64) * gold
+    if fused and _BARRIER is not None:  # see ``_index_terms``
+        col = _BARRIER([col])[0]
+    mixed = _mix64(_words(main) + tf.cast(tf.range(m, dtype=tf.int64), tf.uint64)[None, :] * gold + col[:, None])
+    # float32: the 2 * SLICES squares of a column summed in float32, as for a tensor of known length.
+    h, k, q = _reduce_slices(mixed, *_key_and_square(main), fused)
+    cols = (h, k, tf.cast(q, tf.float64))
+    for _ in range(2):
+        cols = _reduce_slices(*(tf.reshape(t, [SLICES, -1]) for t in cols), fused)
+    whole = _reduce_slices(*cols, fused)
+    # The rest, fewer than ``unit`` elements, zero-padded to ``unit``: only its first words are the tensor's.
+    rest = flat[bulk:]
+    rest = tf.concat([rest, tf.zeros(tf.reshape(unit - tf.size(rest, out_type=tf.int64), [1]), dtype)], 0)
+    pieces = tf.reshape(rest, [unit // per_word, per_word])
+    c = tf.range(unit // per_word, dtype=tf.int64)
+    mixed = _mix64(_words(pieces) + tf.cast(bulk // per_word + c + 1, tf.uint64) * gold)
+    mixed = tf.where(c < (n - bulk + per_word - 1) // per_word, mixed, _u64(0))
+    key, square = _key_and_square(pieces)
+    last = _reduce_slices(mixed, key, tf.cast(square, tf.float64), fused)
+    total = whole[0] + last[0] + _mix64(tf.cast(n, tf.uint64) * _u64(width))
+    max_abs = _abs_value(tf.maximum(whole[1], last[1]), dtype)
+    sumsq = whole[2] + last[2]
+    zero = tf.zeros([], tf.int64)
+    if not dtype.is_floating:
+        return [tf.bitcast(total, tf.int64), tf.sqrt(sumsq), max_abs, zero, zero]
+    size = tf.cast(n, tf.float64)
+    ok = tf.math.is_finite(sumsq)
+    if dtype == tf.float32:
+        ok = tf.logical_and(ok, _narrow_ok(sumsq, max_abs, size))
+    l2, max_abs, nan, inf = tf.cond(ok, lambda: (tf.sqrt(sumsq), max_abs, zero, zero),
+                                    lambda: _with_barrier(_slow(flat, 0, size, sumsq, max_abs, fused), fused))
     return [tf.bitcast(total, tf.int64), l2, max_abs, nan, inf]
 
 
-def _dynamic_part(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
-    rows = [_dynamic_one(x) for x in tensors]
+def _dynamic_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
+    rows = [_dynamic_one(x, fused) for x in tensors]
     return [tf.stack([r[k] for r in rows]) for k in range(5)]
 
 
 # Compiled once per run-time shape (an epoch's last batch adds one more).
-_dynamic_part_xla = tf.function(_dynamic_part, jit_compile=True, autograph=False, reduce_retracing=True)
+@functools.partial(tf.function, jit_compile=True, autograph=False, reduce_retracing=True)
+def _dynamic_part_xla(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    return _dynamic_part(tensors, fused=_VARIADIC_REDUCE is not None)
 
 
 def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[tf.Tensor]:
@@ -489,7 +514,7 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
 
     Args:
         tensors: Tensors with static shapes, or shapes known only at run time
-            (an input batch of unknown size), which take a second, plain pass.
+            (an input batch of unknown size), which take a second call.
         use_xla: Compile the hash, max |x| and counts with XLA (default);
             without it the same ops run as ordinary TensorFlow kernels.
 
@@ -507,7 +532,8 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
     if len(static) == len(tensors):
         return _device_part_xla(tensors) if use_xla else _device_part(tensors, fused=False)
     dynamic = [k for k, t in enumerate(tensors) if not t.shape.is_fully_defined()]
-    parts = (_dynamic_part_xla if use_xla else _dynamic_part)([tensors[k] for k in dynamic])
+    parts = _dynamic_part_xla([tensors[k] for k in dynamic]) if use_xla else _dynamic_part(
+        [tensors[k] for k in dynamic], fused=False)
     if static:
         fixed = [tensors[k] for k in static]
         fixed = _device_part_xla(fixed) if use_xla else _device_part(fixed, fused=False)

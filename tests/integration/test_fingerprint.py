@@ -39,6 +39,8 @@ CASES = {
     "f32 sliced, mass in squares below float32's range": np.concatenate(
         [np.full(20000, 1e-20), [1e-18]]).astype(np.float32),
     "f32 scalar, square overflows float32": np.float32(3e38),
+    # Whole slices and nothing left over, for a tensor of unknown length.
+    "f32 whole slices, no rest": _RNG.standard_normal((3, 1024)).astype(np.float32),
     # Large enough to be read alone, not as a block's row.
     "f32 read alone, odd length": _RNG.standard_normal(2 ** 17 + 3).astype(np.float32),
     "f32 read alone, nan and inf": np.concatenate([_RNG.standard_normal(2 ** 17), [np.nan, -np.inf]]).astype(
@@ -96,9 +98,11 @@ def test_nan_payloads_and_signed_zero_change_the_in_graph_hash(tf_cpus):
     assert len(set(hashes.tolist())) == 4
 
 
-@pytest.mark.parametrize("shapes", [[(2 ** 17,), (2 ** 17 + 8,)], [(1024,), (1024,)], [(2 ** 17,), (10,)]],
-                         ids=["read-alone-only", "one-block", "alone-and-block"])
-def test_rare_branch_stays_conditional(tf_cpus, shapes):
+@pytest.mark.parametrize("shapes, length", [
+    ([(2 ** 17,), (2 ** 17 + 8,)], "known"), ([(1024,), (1024,)], "known"), ([(2 ** 17,), (10,)], "known"),
+    ([(2 ** 17 + 3,)], "unknown"),
+], ids=["read-alone-only", "one-block", "alone-and-block", "length-known-at-run-time"])
+def test_rare_branch_stays_conditional(tf_cpus, shapes, length):
     """The NaN/Inf and float64 branch is a conditional in the compiled pass, whatever the mix of tensors.
 
     XLA turns a condition whose branches hold only element-wise ops and reductions into a select that
@@ -109,5 +113,6 @@ def test_rare_branch_stays_conditional(tf_cpus, shapes):
     from strategies import fingerprint
 
     tensors = [tf.zeros(s, tf.float32) for s in shapes]
-    hlo = fingerprint._device_part_xla.experimental_get_compiler_ir(tensors)(stage="optimized_hlo")
+    compiled = fingerprint._device_part_xla if length == "known" else fingerprint._dynamic_part_xla
+    hlo = compiled.experimental_get_compiler_ir(tensors)(stage="optimized_hlo")
     assert "conditional(" in hlo
