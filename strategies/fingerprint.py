@@ -17,7 +17,9 @@ then sums again in float64. NaN and Inf are counted only when l2 or max |x| is
 not finite, inside the XLA cluster, so no value travels to the host to decide
 it. One condition for all the tensors of a call decides whether any of them
 needs either: two conditions per tensor cost XLA's CPU runtime about a sixth of
-the pass.
+the pass. An optimization barrier keeps that condition a conditional: XLA makes
+a select of a condition whose branches hold only element-wise ops and
+reductions, and would compute the rare branch, a second full pass, every call.
 
 Tensors under ``MAX_BLOCK_WORDS`` words (biases, norms, the loss, small and
 middle-sized kernels) are read together, as the zero-padded rows of one block
