@@ -10,6 +10,9 @@ alternating blocks of 10 steps:
 * "read-only pass": the fingerprint pass replaced by the cheapest pass that
   reads every captured byte once (float32 sums over the same tensors, no hash,
   no statistics);
+* "hash only": the fingerprint's hash, as the pass computes it (the same
+  slices, the same reductions), without max |x|, the sum of squares or the
+  rare branch: what the statistics cost on top of the hash;
 * "first element": a pass that reads one element of each tensor. It makes the
   same XLA call at the same point of the step, on the same tensors (variables
   read after the update, gradients held until then), so it measures everything
@@ -72,6 +75,38 @@ def _read_only_pass():
     return _stand_in(one)
 
 
+def _hash_only_pass():
+    """A stand-in that computes each tensor's hash as the pass does, and no statistics."""
+    import tensorflow as tf
+
+    from strategies import fingerprint as fp
+
+    spec = [tf.TensorSpec([], tf.uint64), tf.TensorSpec([], tf.uint8)]
+    reducer = tf.function(lambda h0, z0, h1, z1: (h0 + h1, tf.maximum(z0, z1)),
+                          autograph=False).get_concrete_function(*(spec + spec))
+
+    def column_sums(t):
+        # A second, constant operand keeps XLA from rewriting a lone sum into a reduce-window that
+        # materializes the mixed words first: the pass's own reductions are variadic too.
+        return fp._VARIADIC_REDUCE([t, tf.zeros(t.shape, tf.uint8)], [fp._u64(0), tf.zeros([], tf.uint8)],
+                                   dimensions_to_reduce=[0], reducer=reducer)[0]
+
+    def one(x):
+        total = fp._u64(0)
+        for pieces, first in fp._pieces(x):
+            slices, m = int(pieces.shape[0]), int(pieces.shape[1])
+            mixed = fp._mix64(fp._words(pieces) + fp._index_terms(slices, m, first, True))
+            col = column_sums(mixed) if slices > 1 else mixed[0]
+            while m >= fp.SLICES * fp.MIN_SLICE and m % fp.SLICES == 0:
+                m //= fp.SLICES
+                col = column_sums(tf.reshape(col, [fp.SLICES, m]))
+            total += column_sums(col)
+        total += fp._mix64(fp._u64(x.shape.num_elements() * x.dtype.size))
+        return tf.cast(tf.bitcast(total, tf.int64), tf.float64)
+
+    return _stand_in(one)
+
+
 def _first_element_pass():
     """A stand-in that makes the same call on the same tensors but reads one element of each."""
     import tensorflow as tf
@@ -103,7 +138,7 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="tracer-floor-")
     runs = {"untraced": bc._build("mlp", None, devices, os.path.join(root, "u"), x, y, bc.GLOBAL_BATCH)}
     real = session.fingerprint_all
-    for name, fp in (("fingerprints", real), ("read-only pass", _read_only_pass()),
+    for name, fp in (("fingerprints", real), ("hash only", _hash_only_pass()), ("read-only pass", _read_only_pass()),
                      ("first element", _first_element_pass()), ("no pass", _no_pass())):
         session.fingerprint_all = fp  # looked up when the step is traced, on its first call below
         runs[name] = bc._build("mlp", "fingerprint", devices, os.path.join(root, name.replace(" ", "-")), x, y,
