@@ -28,6 +28,15 @@ def tf_cpus():
 _KEY_BASE = itertools.count(start=100_000, step=100_000)
 
 
+def _next_collective_key_base():
+    import sys
+
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        tf.distribute.MirroredStrategy._collective_key_base = next(_KEY_BASE)
+
+
 @pytest.fixture(autouse=True)
 def fresh_collective_keys():
     """Each test's plain MirroredStrategy gets its own collective key range.
@@ -37,13 +46,21 @@ def fresh_collective_keys():
     two strategies in one process whose models differ otherwise collide with
     "Shape mismatch in the collective instance".
     """
-    import sys
-
-    if "tensorflow" in sys.modules:
-        import tensorflow as tf
-
-        tf.distribute.MirroredStrategy._collective_key_base = next(_KEY_BASE)
+    _next_collective_key_base()
     yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A range for the module and session fixtures set up for this test, too.
+
+    They are set up before any function fixture: without this, one that trains
+    (test_resume's reference job) reused the previous test's range. Once in CI,
+    in a worker process that had just run test_keras_fit.py, its collectives
+    collided with that test's ("expected shape [27] but another member in the
+    group expected shape [26122]").
+    """
+    _next_collective_key_base()
 
 
 @pytest.fixture(autouse=True)
