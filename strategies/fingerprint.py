@@ -166,6 +166,20 @@ def _pieces(x: tf.Tensor) -> List[Tuple[tf.Tensor, int]]:
     return parts
 
 
+def _with_barrier(results: Sequence[tf.Tensor], fused: bool) -> Tuple[tf.Tensor, ...]:
+    """``results`` behind an optimization barrier under XLA, which keeps its simplifier's hands off them.
+
+    Two uses: a rare branch's results, because XLA turns a condition whose
+    branches hold only element-wise ops and reductions into a select that
+    computes both branches, every call; and the column of index terms (see
+    ``_index_terms``), which XLA would otherwise fold into a constant as large
+    as the tensor.
+    """
+    if fused and _BARRIER is not None:
+        return tuple(_BARRIER(list(results)))
+    return tuple(results)
+
+
 def _index_terms(slices: int, m: int, first: int, fused: bool) -> tf.Tensor:
     """``(j + 1) * GOLDEN`` for the words of a [slices, m] part whose first word has ``j + 1 == first``.
 
@@ -179,10 +193,7 @@ def _index_terms(slices: int, m: int, first: int, fused: bool) -> tf.Tensor:
     with np.errstate(over="ignore"):
         row = np.arange(m, dtype=np.uint64) * gold
         col = (np.arange(slices, dtype=np.uint64) * np.uint64(m) + np.uint64(first)) * gold
-    col = tf.constant(col[:, None])
-    if fused and _BARRIER is not None:
-        col = _BARRIER([col])[0]
-    return tf.constant(row[None, :]) + col
+    return tf.constant(row[None, :]) + _with_barrier([tf.constant(col[:, None])], fused)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,18 +283,6 @@ def _three_sums_reducer():
 
     spec = [tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)]
     return reducer.get_concrete_function(*(spec + spec))
-
-
-def _with_barrier(results: Sequence[tf.Tensor], fused: bool) -> Tuple[tf.Tensor, ...]:
-    """A rare branch's results, kept behind an optimization barrier under XLA.
-
-    XLA turns a condition whose branches hold only element-wise ops and
-    reductions into a select that computes both branches, every call: the
-    barrier keeps the branch conditional.
-    """
-    if fused and _BARRIER is not None:
-        return tuple(_BARRIER(list(results)))
-    return tuple(results)
 
 
 def _slow(values: tf.Tensor, axis: int, sizes, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
@@ -467,8 +466,7 @@ def _dynamic_one(x: tf.Tensor, fused: bool) -> List[tf.Tensor]:
     main = tf.reshape(flat[:bulk], [SLICES, -1, per_word])
     m = tf.shape(main, out_type=tf.int64)[1]
     col = tf.cast(tf.range(SLICES, dtype=tf.int64) * m + 1, tf.uint64) * gold
-    if fused and _BARRIER is not None:  # see ``_index_terms``
-        col = _BARRIER([col])[0]
+    col = _with_barrier([col], fused)[0]  # see ``_index_terms``
     mixed = _mix64(_words(main) + tf.cast(tf.range(m, dtype=tf.int64), tf.uint64)[None, :] * gold + col[:, None])
     # float32: the 2 * SLICES squares of a column summed in float32, as for a tensor of known length.
     h, k, q = _reduce_slices(mixed, *_key_and_square(main), fused)

@@ -467,8 +467,7 @@ class TraceWriter:
                         continue
                     if op == "skipped":
                         d = self._dataset(schema.SKIPPED)
-                        d.resize((d.shape[0] + 1,))
-                        d[-1] = step
+                        _append_block(d, d.shape[0], np.array([step], dtype=np.int64))
                         continue
                     if op == "steps":  # fingerprint rows only (write_steps): nothing raw to write
                         raw = []
@@ -624,12 +623,8 @@ class TraceWriter:
                 where = np.full(ncols, self.replica, dtype=np.int32)
                 for col, holder in elsewhere.items():
                     where[col] = holder
-                d = self._dataset(schema.FULL_STORED_IN)
-                d.resize((frow + 1, ncols))
-                d[frow] = where
-                d = self._dataset(schema.FULL_ROWS)
-                d.resize((frow + 1, ncols))
-                d[frow] = np.asarray(lengths, dtype=np.int64)
+                _append_block(self._dataset(schema.FULL_STORED_IN), frow, where[None])
+                _append_block(self._dataset(schema.FULL_ROWS), frow, np.asarray([lengths], dtype=np.int64))
             elif any(n != (self.tensors[col].shape or (0,))[0] for col, n in zip(cols, lengths)):
                 raise TraceWriteError("the initial snapshot's tensors must have their columns' shapes")
             for col, value, length in zip(cols, full, lengths):
@@ -684,9 +679,7 @@ class TraceWriter:
     def _record_full_step(self, group: str, step: int) -> None:
         """Append ``step`` to the full-tensor step index, once the step's tensors are written."""
         fsteps = self._full_steps(group)
-        frow = fsteps.shape[0]
-        fsteps.resize((frow + 1,))
-        fsteps[frow] = step
+        _append_block(fsteps, fsteps.shape[0], np.array([step], dtype=np.int64))
 
     def _dataset(self, path: str, chunk_cache: bool = True) -> h5py.Dataset:
         """The open dataset at ``path``, looked up once (a lookup costs as much as a small write).
@@ -727,10 +720,11 @@ class TraceWriter:
 def _append_block(d: h5py.Dataset, start: int, block: np.ndarray) -> None:
     """Grow ``d`` along its first axis to ``start + len(block)`` and write ``block`` at ``start``.
 
-    The same HDF5 calls as ``d.resize(...)`` then ``d[start:] = block``, made
-    directly: h5py's selection machinery costs about 100 µs per assignment,
-    several times the write of a block of fingerprint rows, and the writer
-    thread holds the GIL meanwhile.
+    Every table the writer grows by rows goes through here. The same HDF5
+    calls as ``d.resize(...)`` then ``d[start:] = block``, made directly:
+    h5py's selection machinery costs about 100 µs per assignment, several
+    times the write of a block of fingerprint rows, and the writer thread
+    holds the GIL meanwhile.
     """
     block = np.ascontiguousarray(block, dtype=d.dtype)
     d.id.set_extent((start + block.shape[0],) + d.shape[1:])
