@@ -70,7 +70,7 @@ def _mix64(z: tf.Tensor) -> tf.Tensor:
 _UINT = {1: tf.uint8, 2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
 
 # A tensor of at least SLICES * MIN_SLICE words is cut into SLICES equal slices that one loop
-# walks side by side (see ``_hash_max_sumsq``).
+# walks side by side (see ``_column_partials``).
 SLICES = 8
 MIN_SLICE = 256
 
@@ -236,19 +236,17 @@ def _narrow_ok(sumsq: tf.Tensor, max_abs: tf.Tensor, n: int) -> tf.Tensor:
     return tf.logical_or(tf.logical_not(finite), fits)
 
 
-def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(hash as int64 bits, max |x|, sum of squares) of one tensor; the last two as float64.
+def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Partial hash sums, max keys and sums of squares (float64) of one tensor, as three [p] vectors.
 
     The words are viewed as [slices, m]: one loop over the m columns reads the
     slices side by side and reduces across them, which XLA's CPU backend
     vectorizes (a plain reduction over one long axis it does not). Hash, max |x|
     and sum of squares come out of that one pass (a variadic reduction), as m
-    partial results that a short second reduction finishes.
+    partial results, which shrink ``SLICES``-fold per further pass down to a
+    few hundred. ``_finish_alone`` reduces those of all tensors read alone.
     """
-    key_dtype = _abs_key_dtype(x.dtype)
-    total = _u64(0)
-    max_key = tf.zeros([], key_dtype)
-    sumsq = tf.zeros([], tf.float64)
+    cols = []
     for pieces, first in _pieces(x):
         slices, m = int(pieces.shape[0]), int(pieces.shape[1])
         mixed = _mix64(_words(pieces) + _index_terms(slices, m, first, fused))
@@ -259,20 +257,48 @@ def _hash_max_sumsq(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf
         else:
             col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
         col_sq = tf.cast(col_sq, tf.float64)
-        # The m partial results shrink the same way, SLICES-fold per vectorized pass.
         while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
             m //= SLICES
-            cols = (tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq))
-            col_hash, col_key, col_sq = _reduce_slices(*cols, fused)
-        # The last few partial results: one reduction for all three.
-        part_hash, part_key, part_sq = _reduce_slices(col_hash, col_key, col_sq, fused)
-        total += part_hash
-        max_key = tf.maximum(max_key, part_key)
-        sumsq += part_sq
-    n = int(np.prod(x.shape, dtype=np.int64))
-    total += _mix64(_u64(n * x.dtype.size))
-    max_abs = _abs_value(max_key, x.dtype)
-    return tf.bitcast(total, tf.int64), max_abs, sumsq
+            col_hash, col_key, col_sq = _reduce_slices(
+                *(tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq)), fused)
+        cols.append((col_hash, col_key, col_sq))
+    if len(cols) == 1:
+        return cols[0]
+    return tuple(tf.concat([c[k] for c in cols], 0) for k in range(3))
+
+
+def _finish_alone(tensors: Sequence[tf.Tensor], partials, fused: bool):
+    """(order, hashes, max |x|, sums of squares) of tensors read alone, from their ``_column_partials``.
+
+    XLA's CPU runtime pays for every kernel (a hand-off to its thread pool, and
+    that pool's threads spinning while they wait for the next one), and one
+    reduction per tensor, with its conversions, came to half of a large
+    tensor's kernels. So the partials of tensors of one dtype and padded
+    length go into one zero-padded [tensors, length] matrix (zeros add nothing
+    to the sums and are no larger than any key), reduced row by row in one
+    kernel; the lengths' terms are added as one constant vector. ``order``
+    lists the indices into ``tensors`` in the order of the results.
+    """
+    groups = {}
+    for i, (x, cols) in enumerate(zip(tensors, partials)):
+        p = int(cols[0].shape[0])
+        groups.setdefault((x.dtype, 1 << max(p - 1, 0).bit_length()), []).append(i)
+    order, hashes, maxes, sums = [], [], [], []
+    for (dtype, width), members in groups.items():
+        rows = [[], [], []]
+        for i in members:
+            for k, t in enumerate(partials[i]):
+                pad = width - int(t.shape[0])
+                rows[k].append(tf.concat([t, tf.zeros([pad], t.dtype)], 0) if pad else t)
+        total, key, sumsq = _reduce_slices(*(tf.stack(r) for r in rows), fused, axis=1)
+        sizes = np.array([tensors[i].shape.num_elements() * dtype.size for i in members], np.uint64)
+        with np.errstate(over="ignore"):
+            lengths = hashing.mix64(sizes)
+        order += members
+        hashes.append(tf.bitcast(total + tf.constant(lengths), tf.int64))
+        maxes.append(_abs_value(key, dtype))
+        sums.append(sumsq)
+    return order, hashes, maxes, sums
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,7 +365,7 @@ class _Block:
     """Flat tensors of one dtype as the rows of a zero-padded [rows, slices, words, elements per word] block.
 
     A row of at least ``SLICES * MIN_SLICE`` words is cut into ``SLICES``
-    slices read side by side, as ``_hash_max_sumsq`` reads a large tensor.
+    slices read side by side, as ``_column_partials`` reads a large tensor.
     """
 
     def __init__(self, tensors: Sequence[tf.Tensor], dtype: tf.DType, row_words: int):
@@ -358,7 +384,7 @@ class _Block:
         self.words = -(-self.sizes // per_word)
 
     def hash_max_sumsq(self, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Per row, as ``_hash_max_sumsq``: hash (int64 bits), max |x| and sum of squares (float64)."""
+        """Per row, as a tensor read alone: hash (int64 bits), max |x| and sum of squares (float64)."""
         pieces, dtype, slices = self.pieces, self.dtype, self.slices
         m = int(pieces.shape[2])
         with np.errstate(over="ignore"):
@@ -396,7 +422,7 @@ def _fast_ok(tensors: Sequence[tf.Tensor], sumsq: tf.Tensor, max_abs: tf.Tensor)
 def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
     """The five fingerprint vectors; work beyond the one pass only when some result needs it.
 
-    Large tensors are read one by one (``_hash_max_sumsq``), small ones
+    Large tensors are read one by one (``_column_partials``), small ones
     together (``_Block``). One condition for all of them decides whether any
     needs its NaN/Inf counts or its sum of squares again in float64.
     """
@@ -407,7 +433,9 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
             alone.append(i)
         else:
             blocks.setdefault(key, []).append(i)
-    singles = [_hash_max_sumsq(tensors[i], fused) for i in alone]
+    partials = [_column_partials(tensors[i], fused) for i in alone]
+    picked, *singles = _finish_alone([tensors[i] for i in alone], partials, fused)
+    alone = [alone[k] for k in picked]
     built = [(_Block([tensors[i] for i in members], dtype, row_words), members)
              for (dtype, row_words), members in blocks.items()]
     rows = [block.hash_max_sumsq(fused) for block, _ in built]
@@ -417,10 +445,10 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
     back = np.argsort(order)
 
     def ordered(alone_values, block_values):
-        out = tf.concat(([tf.stack(alone_values)] if alone_values else []) + list(block_values), 0)
+        out = tf.concat(list(alone_values) + list(block_values), 0)
         return out if (order == np.arange(len(order))).all() else tf.gather(out, back)
 
-    hashes, maxes, sums = (ordered([r[k] for r in singles], [r[k] for r in rows]) for k in range(3))
+    hashes, maxes, sums = (ordered(singles[k], [r[k] for r in rows]) for k in range(3))
     zeros = tf.zeros([len(tensors)], tf.int64)
 
     def fast():
@@ -428,11 +456,14 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
 
     def slow():
         out = []
-        for i, (_, max_abs, sumsq) in zip(alone, singles):
+        if alone:
+            alone_maxes, alone_sums = tf.concat(singles[1], 0), tf.concat(singles[2], 0)
+        for j, i in enumerate(alone):
             x = tensors[i]
-            out.append(_slow(x, 0, x.shape.num_elements(), sumsq, max_abs, fused))
+            out.append(_slow(x, 0, x.shape.num_elements(), alone_sums[j], alone_maxes[j], fused))
         per_block = [block.slow(r[2], r[1], fused) for (block, _), r in zip(built, rows)]
-        return _with_barrier([ordered([o[k] for o in out], [b[k] for b in per_block]) for k in range(4)], fused)
+        return _with_barrier([ordered([tf.stack([o[k] for o in out])] if out else [], [b[k] for b in per_block])
+                              for k in range(4)], fused)
 
     l2s, maxes, nans, infs = tf.cond(_fast_ok(tensors, sums, maxes), fast, slow)
     return [hashes, l2s, maxes, nans, infs]
