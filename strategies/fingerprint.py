@@ -73,6 +73,9 @@ _UINT = {1: tf.uint8, 2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
 # walks side by side (see ``_column_partials``).
 SLICES = 8
 MIN_SLICE = 256
+# The pass over a tensor read alone leaves at most MAX_PARTIALS partial results per statistic (and the
+# words left over), which ``_finish_alone`` reduces.
+MAX_PARTIALS = 1 << 16
 
 
 def _abs_key_dtype(dtype: tf.DType) -> tf.DType:
@@ -243,8 +246,9 @@ def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, t
     slices side by side and reduces across them, which XLA's CPU backend
     vectorizes (a plain reduction over one long axis it does not). Hash, max |x|
     and sum of squares come out of that one pass (a variadic reduction), as m
-    partial results, which shrink ``SLICES``-fold per further pass down to a
-    few hundred. ``_finish_alone`` reduces those of all tensors read alone.
+    partial results; above ``MAX_PARTIALS`` they shrink ``SLICES``-fold per
+    further pass. ``_finish_alone`` reduces them, with those of other tensors
+    of the same length.
     """
     cols = []
     for pieces, first in _pieces(x):
@@ -257,7 +261,7 @@ def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, t
         else:
             col_hash, col_key, col_sq = _reduce_slices(mixed, part_key, part_sq, fused)
         col_sq = tf.cast(col_sq, tf.float64)
-        while fused and m >= SLICES * MIN_SLICE and m % SLICES == 0:
+        while fused and m > MAX_PARTIALS and m % SLICES == 0:
             m //= SLICES
             col_hash, col_key, col_sq = _reduce_slices(
                 *(tf.reshape(t, [SLICES, m]) for t in (col_hash, col_key, col_sq)), fused)
@@ -270,27 +274,21 @@ def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, t
 def _finish_alone(tensors: Sequence[tf.Tensor], partials, fused: bool):
     """(order, hashes, max |x|, sums of squares) of tensors read alone, from their ``_column_partials``.
 
-    XLA's CPU runtime pays for every kernel (a hand-off to its thread pool, and
-    that pool's threads spinning while they wait for the next one), and one
-    reduction per tensor, with its conversions, came to half of a large
-    tensor's kernels. So the partials of tensors of one dtype and padded
-    length go into one zero-padded [tensors, length] matrix (zeros add nothing
-    to the sums and are no larger than any key), reduced row by row in one
-    kernel; the lengths' terms are added as one constant vector. ``order``
-    lists the indices into ``tensors`` in the order of the results.
+    The partials of tensors of one dtype and count (the same variable's
+    weights, gradients and slots) are reduced together, as the rows of one
+    [tensors, count] matrix, and the lengths' terms added as one constant
+    vector. One kernel per group instead of a chain per tensor: XLA's CPU
+    runtime pays for every kernel, and over a replica's tensors that came to
+    several percent of the pass. ``order`` lists the indices into ``tensors``
+    in the order of the results, a vector per group.
     """
     groups = {}
     for i, (x, cols) in enumerate(zip(tensors, partials)):
-        p = int(cols[0].shape[0])
-        groups.setdefault((x.dtype, 1 << max(p - 1, 0).bit_length()), []).append(i)
+        groups.setdefault((x.dtype, int(cols[0].shape[0])), []).append(i)
     order, hashes, maxes, sums = [], [], [], []
-    for (dtype, width), members in groups.items():
-        rows = [[], [], []]
-        for i in members:
-            for k, t in enumerate(partials[i]):
-                pad = width - int(t.shape[0])
-                rows[k].append(tf.concat([t, tf.zeros([pad], t.dtype)], 0) if pad else t)
-        total, key, sumsq = _reduce_slices(*(tf.stack(r) for r in rows), fused, axis=1)
+    for (dtype, _), members in groups.items():
+        total, key, sumsq = _reduce_slices(*(tf.stack([partials[i][k] for i in members]) for k in range(3)),
+                                           fused, axis=1)
         sizes = np.array([tensors[i].shape.num_elements() * dtype.size for i in members], np.uint64)
         with np.errstate(over="ignore"):
             lengths = hashing.mix64(sizes)

@@ -46,6 +46,8 @@ CASES = {
     "f32 read alone, nan and inf": np.concatenate([_RNG.standard_normal(2 ** 17), [np.nan, -np.inf]]).astype(
         np.float32),
     "f32 read alone, squares overflow float32": (_RNG.standard_normal(2 ** 17 + 1) * 1e25).astype(np.float32),
+    # Enough columns that the pass's partial results shrink once more before they are reduced.
+    "f32 read alone, partials shrunk": _RNG.standard_normal(2 ** 21 + 3).astype(np.float32),
 }
 
 
