@@ -11,8 +11,9 @@ alternating blocks of 10 steps:
   reads every captured byte once (float32 sums over the same tensors, no hash,
   no statistics);
 * "hash only": the fingerprint's hash, as the pass computes it (the same
-  slices, the same reductions), without max |x|, the sum of squares or the
-  rare branch: what the statistics cost on top of the hash;
+  slices, the same reductions, but each tensor finished on its own), without
+  max |x|, the sum of squares or the rare branch: what the statistics cost on
+  top of the hash;
 * "first element": a pass that reads one element of each tensor. It makes the
   same XLA call at the same point of the step, on the same tensors (variables
   read after the update, gradients held until then), so it measures everything
@@ -97,7 +98,7 @@ def _hash_only_pass():
             slices, m = int(pieces.shape[0]), int(pieces.shape[1])
             mixed = fp._mix64(fp._words(pieces) + fp._index_terms(slices, m, first, True))
             col = column_sums(mixed) if slices > 1 else mixed[0]
-            while m >= fp.SLICES * fp.MIN_SLICE and m % fp.SLICES == 0:
+            while m > fp.MAX_PARTIALS and m % fp.SLICES == 0:
                 m //= fp.SLICES
                 col = column_sums(tf.reshape(col, [fp.SLICES, m]))
             total += column_sums(col)
