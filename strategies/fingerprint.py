@@ -369,11 +369,13 @@ class _Block:
     def __init__(self, tensors: Sequence[tf.Tensor], dtype: tf.DType, row_words: int):
         per_word = 8 // dtype.size
         width = row_words * per_word
-        parts = []
+        parts, zeros = [], {}  # one zeros op per padding length: tracing time grows with the ops made
         for x in tensors:
             x = tf.cast(x, tf.uint8) if x.dtype == tf.bool else x
             n = int(x.shape[0])
-            parts += [x, tf.zeros([width - n], dtype)] if n < width else [x]
+            if n < width and width - n not in zeros:
+                zeros[width - n] = tf.zeros([width - n], dtype)
+            parts += [x, zeros[width - n]] if n < width else [x]
         self.dtype = dtype
         self.sizes = np.array([int(x.shape[0]) for x in tensors], np.int64)
         self.slices = SLICES if row_words >= SLICES * MIN_SLICE else 1
@@ -556,7 +558,8 @@ def fingerprint_all(tensors: Sequence[tf.Tensor], use_xla: bool = True) -> List[
                 tf.zeros([0], tf.int64), tf.zeros([0], tf.int64)]
     # Flat outside the compiled function: inside it, viewing an n-d tensor as slices
     # costs XLA an index computation per element that stops vectorization.
-    tensors = [tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors]
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    tensors = [t if t.shape.rank == 1 else tf.reshape(t, [-1]) for t in tensors]
     static = [k for k, t in enumerate(tensors) if t.shape.is_fully_defined()]
     if len(static) == len(tensors):
         return _device_part_xla(tensors) if use_xla else _device_part(tensors, fused=False)

@@ -269,7 +269,9 @@ class TraceSession:
         comps = components(v)
         comp = comps[i] if len(comps) > 1 else comps[0]
         with tf.device(comp.device):
-            return comp.read_value()
+            # One ReadVariableOp, without read_value's name scope and identity: a replica reads every
+            # weight and slot each time the step is traced.
+            return resource_variable_ops.read_variable_op(comp.handle, comp.dtype)
 
     # ------------------------------------------------------------- emission
     @_no_autograph
