@@ -274,21 +274,30 @@ def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, t
 def _finish_alone(tensors: Sequence[tf.Tensor], partials, fused: bool):
     """(order, hashes, max |x|, sums of squares) of tensors read alone, from their ``_column_partials``.
 
-    The partials of tensors of one dtype and count (the same variable's
-    weights, gradients and slots) are reduced together, as the rows of one
-    [tensors, count] matrix, and the lengths' terms added as one constant
-    vector. One kernel per group instead of a chain per tensor: XLA's CPU
+    Under XLA, the partials of tensors of one dtype and count (the same
+    variable's weights, gradients and slots) are reduced together, as the
+    rows of one [tensors, count] matrix, and the lengths' terms added as one
+    constant vector. Stacking them is a copy, so a count above twice
+    ``MAX_PARTIALS``, and plain kernels' partials, which are not shrunk, are
+    reduced tensor by tensor. One kernel per group instead of a chain per tensor: XLA's CPU
     runtime pays for every kernel, and over a replica's tensors that came to
     several percent of the pass. ``order`` lists the indices into ``tensors``
     in the order of the results, a vector per group.
     """
     groups = {}
     for i, (x, cols) in enumerate(zip(tensors, partials)):
-        groups.setdefault((x.dtype, int(cols[0].shape[0])), []).append(i)
+        count = int(cols[0].shape[0])
+        # Stacking copies the partials: only few of them (the pass shrinks them to MAX_PARTIALS unless their
+        # count is not a multiple of SLICES; plain kernels do not shrink them at all).
+        groups.setdefault((x.dtype, count) if fused and count <= 2 * MAX_PARTIALS else i, []).append(i)
     order, hashes, maxes, sums = [], [], [], []
-    for (dtype, _), members in groups.items():
-        total, key, sumsq = _reduce_slices(*(tf.stack([partials[i][k] for i in members]) for k in range(3)),
-                                           fused, axis=1)
+    for members in groups.values():
+        dtype = tensors[members[0]].dtype
+        if len(members) == 1:
+            rows = [tf.expand_dims(t, 0) for t in partials[members[0]]]
+        else:
+            rows = [tf.stack([partials[i][k] for i in members]) for k in range(3)]
+        total, key, sumsq = _reduce_slices(*rows, fused, axis=1)
         sizes = np.array([tensors[i].shape.num_elements() * dtype.size for i in members], np.uint64)
         with np.errstate(over="ignore"):
             lengths = hashing.mix64(sizes)
