@@ -274,21 +274,19 @@ def _column_partials(x: tf.Tensor, fused: bool) -> Tuple[tf.Tensor, tf.Tensor, t
 def _finish_alone(tensors: Sequence[tf.Tensor], partials, fused: bool):
     """(order, hashes, max |x|, sums of squares) of tensors read alone, from their ``_column_partials``.
 
-    Under XLA, the partials of tensors of one dtype and count (the same
-    variable's weights, gradients and slots) are reduced together, as the
-    rows of one [tensors, count] matrix, and the lengths' terms added as one
-    constant vector. Stacking them is a copy, so a count above twice
-    ``MAX_PARTIALS``, and plain kernels' partials, which are not shrunk, are
-    reduced tensor by tensor. One kernel per group instead of a chain per tensor: XLA's CPU
+    One kernel per group of tensors instead of a chain per tensor: XLA's CPU
     runtime pays for every kernel, and over a replica's tensors that came to
-    several percent of the pass. ``order`` lists the indices into ``tensors``
-    in the order of the results, a vector per group.
+    several percent of the pass. Under XLA, the partials of tensors of one
+    dtype and count (the same variable's weights, gradients and slots) are
+    reduced together, as the rows of one [tensors, count] matrix. Stacking
+    them is a copy, so plain kernels' partials (never shrunk) and counts above
+    twice ``MAX_PARTIALS`` (not a multiple of ``SLICES``) are reduced tensor by
+    tensor. ``order`` lists the indices into ``tensors`` in the order of the
+    results, a vector per group.
     """
     groups = {}
     for i, (x, cols) in enumerate(zip(tensors, partials)):
         count = int(cols[0].shape[0])
-        # Stacking copies the partials: only few of them (the pass shrinks them to MAX_PARTIALS unless their
-        # count is not a multiple of SLICES; plain kernels do not shrink them at all).
         groups.setdefault((x.dtype, count) if fused and count <= 2 * MAX_PARTIALS else i, []).append(i)
     order, hashes, maxes, sums = [], [], [], []
     for members in groups.values():
@@ -298,14 +296,18 @@ def _finish_alone(tensors: Sequence[tf.Tensor], partials, fused: bool):
         else:
             rows = [tf.stack([partials[i][k] for i in members]) for k in range(3)]
         total, key, sumsq = _reduce_slices(*rows, fused, axis=1)
-        sizes = np.array([tensors[i].shape.num_elements() * dtype.size for i in members], np.uint64)
-        with np.errstate(over="ignore"):
-            lengths = hashing.mix64(sizes)
         order += members
-        hashes.append(tf.bitcast(total + tf.constant(lengths), tf.int64))
+        total += _length_terms([tensors[i].shape.num_elements() for i in members], dtype)
+        hashes.append(tf.bitcast(total, tf.int64))
         maxes.append(_abs_value(key, dtype))
         sums.append(sumsq)
     return order, hashes, maxes, sums
+
+
+def _length_terms(elements, dtype: tf.DType) -> tf.Tensor:
+    """``mix64(nbytes)``, the term a tensor's length adds to its hash, for tensors of ``elements`` elements."""
+    with np.errstate(over="ignore"):
+        return tf.constant(hashing.mix64(np.asarray(elements, np.uint64) * np.uint64(dtype.size)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -396,8 +398,6 @@ class _Block:
         """Per row, as a tensor read alone: hash (int64 bits), max |x| and sum of squares (float64)."""
         pieces, dtype, slices = self.pieces, self.dtype, self.slices
         m = int(pieces.shape[2])
-        with np.errstate(over="ignore"):
-            lengths = hashing.mix64(self.sizes.astype(np.uint64) * np.uint64(dtype.size))
         # The padding's words are not the tensor's: they add nothing to the hash.
         index = tf.reshape(tf.range(slices * m, dtype=tf.int64), [1, slices, m])
         real = index < tf.constant(self.words[:, None, None])
@@ -408,7 +408,7 @@ class _Block:
         else:  # float32: the 2 * SLICES squares of a column summed in float32, as for a large tensor
             mixed, part_key, part_sq = _reduce_slices(mixed, part_key, part_sq, fused, axis=1)
         total, max_key, sumsq = _reduce_slices(mixed, part_key, tf.cast(part_sq, tf.float64), fused, axis=1)
-        total += tf.constant(lengths)
+        total += _length_terms(self.sizes, dtype)
         return tf.bitcast(total, tf.int64), _abs_value(max_key, dtype), sumsq
 
     def slow(self, sumsq: tf.Tensor, max_abs: tf.Tensor, fused: bool):
@@ -465,11 +465,11 @@ def _device_part(tensors: Sequence[tf.Tensor], fused: bool) -> List[tf.Tensor]:
 
     def slow():
         out = []
-        if alone:
+        if alone:  # ``singles`` holds a vector per group, in the order of ``alone``
             alone_maxes, alone_sums = tf.concat(singles[1], 0), tf.concat(singles[2], 0)
-        for j, i in enumerate(alone):
-            x = tensors[i]
-            out.append(_slow(x, 0, x.shape.num_elements(), alone_sums[j], alone_maxes[j], fused))
+            for j, i in enumerate(alone):
+                x = tensors[i]
+                out.append(_slow(x, 0, x.shape.num_elements(), alone_sums[j], alone_maxes[j], fused))
         per_block = [block.slow(r[2], r[1], fused) for (block, _), r in zip(built, rows)]
         return _with_barrier([ordered([tf.stack([o[k] for o in out])] if out else [], [b[k] for b in per_block])
                               for k in range(4)], fused)
@@ -488,7 +488,7 @@ def _dynamic_one(x: tf.Tensor, fused: bool) -> List[tf.Tensor]:
 
     An input batch of unknown size (a dataset batched without
     ``drop_remainder``), as large as a model's weights for images. It is read
-    as ``_hash_max_sumsq`` reads a tensor of known length: the bulk as
+    as ``_column_partials`` reads a tensor of known length: the bulk as
     ``SLICES`` slices side by side, whose partial results shrink ``SLICES``-fold
     twice, and the last few elements as one zero-padded row whose padding is
     left out of the hash. Only the lengths are unknown when the step is traced;
