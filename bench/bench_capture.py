@@ -294,6 +294,9 @@ def main(argv=None) -> int:
                              f" -> {res['median_s'] / res['base_median_s']:.2f}x")
                 print(line, file=sys.stderr)
             finally:
+                # Write this configuration's pages out now: left to the kernel's background writeback,
+                # full capture's gigabytes would take CPU from the configurations measured after it.
+                os.sync()
                 shutil.rmtree(out, ignore_errors=True)
     summary = []
     for config in configs:
