@@ -234,7 +234,10 @@ def worker_side_by_side(config: str, steps: int, warmup: int, out_dir: str, bloc
         shutil.rmtree(trace_root, ignore_errors=True)
     n = blocks * block
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Each traced block against the untraced block run next to it: slow drift of the machine cancels.
+    pair_ratios = [t / u for t, u in zip(times["traced"], times["untraced"])]
     return {"config": config, "median_s": med["traced"], "base_median_s": med["untraced"],
+            "pair_ratios": pair_ratios,
             "mean_s": statistics.fmean(times["traced"]),
             "cpu_s": cpu["traced"] / n, "base_cpu_s": cpu["untraced"] / n,
             "bytes": written, "steps": warmup + n, "params": n_params}
@@ -310,7 +313,13 @@ def main(argv=None) -> int:
             ratio = statistics.median(r["median_s"] / r["base_median_s"] for r in runs)
             cpu_ratio = statistics.median(r["cpu_s"] / r["base_cpu_s"] for r in runs)
             basis = "twin"
+            pairs = sorted(p for r in runs for p in r["pair_ratios"])
+            q1, _, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (pairs[0],) * 3
+            extra = {"round_ratios": [r["median_s"] / r["base_median_s"] for r in runs],
+                     "pair_ratio_median": statistics.median(pairs), "pair_ratio_q1": q1, "pair_ratio_q3": q3,
+                     "pairs": len(pairs)}
         else:
+            extra = {}
             base = results.get(config.split("/")[0] + "/untraced")
             base_med = statistics.median(r["median_s"] for r in base) if base else None
             base_cpu = statistics.median(r["cpu_s"] for r in base) if base else None
@@ -320,7 +329,7 @@ def main(argv=None) -> int:
         summary.append({"config": config, "ms_per_step": med * 1e3, "cpu_ms_per_step": cpu * 1e3,
                         "ratio": ratio, "cpu_ratio": cpu_ratio, "ratio_basis": basis,
                         "bytes_per_step": runs[0]["bytes"] / runs[0]["steps"], "params": runs[0]["params"],
-                        "rounds": len(runs)})
+                        "rounds": len(runs), **extra})
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -333,6 +342,14 @@ def main(argv=None) -> int:
                 s["ratio_basis"], "")
             print(f"{s['config']:38s} {s['ms_per_step']:9.2f} {ratio:>7s} {s['cpu_ms_per_step']:12.2f} "
                   f"{cpu_ratio:>9s} {s['bytes_per_step'] / 1e6:9.3f} MB  {basis}")
+        paired = [s for s in summary if s["ratio_basis"] == "twin"]
+        if paired:
+            print("\nside by side, per configuration: the ratio of each round (traced median block over untraced "
+                  "median block),\nand every traced block over the untraced block run next to it (median, quartiles)")
+            for s in paired:
+                rounds = ", ".join(f"{r:.2f}x" for r in s["round_ratios"])
+                print(f"{s['config']:38s} rounds {rounds}; {s['pairs']} block pairs {s['pair_ratio_median']:.3f}x "
+                      f"({s['pair_ratio_q1']:.3f}-{s['pair_ratio_q3']:.3f})")
     return 0
 
 

@@ -1,8 +1,8 @@
 """How much of the fingerprint overhead any pass over the captured bytes costs, and what costs the rest.
 
-    python bench/bench_capture_floor.py [--blocks 40]
+    python bench/bench_capture_floor.py [--blocks 40] [--model cnn] [--setups "fingerprints,no pass"]
 
-Runs MLP setups of the capture benchmark side by side in one process,
+Runs MLP (or CNN) setups of the capture benchmark side by side in one process,
 alternating blocks of 10 steps:
 
 * untraced;
@@ -18,6 +18,8 @@ alternating blocks of 10 steps:
   same XLA call at the same point of the step, on the same tensors (variables
   read after the update, gradients held until then), so it measures everything
   but the reading;
+* "plain first element": the same reads as plain TensorFlow ops, without the
+  XLA call: what the call itself costs;
 * "no pass": rows of zeros, no call and no reads; only the rest of the tracer's
   machinery (device buffers, the host counter, the writer).
 
@@ -41,8 +43,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def _stand_in(one):
-    """A stand-in for ``fingerprint_all``: one XLA call, ``one(flat tensor)`` per tensor, as every statistic."""
+def _stand_in(one, xla=True):
+    """A stand-in for ``fingerprint_all``: one XLA call (or plain ops), ``one(flat tensor)`` per tensor, as every
+    statistic."""
     import tensorflow as tf
 
     def part(tensors):
@@ -50,7 +53,7 @@ def _stand_in(one):
         i = tf.cast(v, tf.int64)
         return [i, v, v, i, i]
 
-    compiled = tf.function(part, jit_compile=True, autograph=False)
+    compiled = tf.function(part, jit_compile=True, autograph=False) if xla else part
 
     def fingerprint_all(tensors, use_xla=True):
         return compiled([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors])
@@ -108,11 +111,12 @@ def _hash_only_pass():
     return _stand_in(one)
 
 
-def _first_element_pass():
+def _first_element_pass(xla=True):
     """A stand-in that makes the same call on the same tensors but reads one element of each."""
     import tensorflow as tf
 
-    return _stand_in(lambda x: tf.cast(x[0], tf.float64) if x.shape.num_elements() else tf.zeros([], tf.float64))
+    return _stand_in(lambda x: tf.cast(x[0], tf.float64) if x.shape.num_elements() else tf.zeros([], tf.float64),
+                     xla)
 
 
 def _no_pass():
@@ -127,23 +131,35 @@ def _no_pass():
     return fingerprint_all
 
 
+SETUPS = {"fingerprints": None, "hash only": _hash_only_pass, "read-only pass": _read_only_pass,
+          "first element": _first_element_pass, "plain first element": lambda: _first_element_pass(xla=False),
+          "no pass": _no_pass}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=40, help="blocks of 10 steps per setup")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="the capture benchmark's model")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="comma-separated subset of: " + ", ".join(SETUPS) + " (the untraced twin always runs)")
     args = parser.parse_args(argv)
+    chosen = [k for k in args.setups.split(",") if k]
+    unknown = [k for k in chosen if k not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setups {unknown}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import bench_capture as bc
     import strategies.session as session
 
-    devices, x, y = bc._setup("mlp")
+    devices, x, y = bc._setup(args.model)
     root = tempfile.mkdtemp(prefix="tracer-floor-")
-    runs = {"untraced": bc._build("mlp", None, devices, os.path.join(root, "u"), x, y, bc.GLOBAL_BATCH)}
+    runs = {"untraced": bc._build(args.model, None, devices, os.path.join(root, "u"), x, y, bc.GLOBAL_BATCH)}
     real = session.fingerprint_all
-    for name, fp in (("fingerprints", real), ("hash only", _hash_only_pass()), ("read-only pass", _read_only_pass()),
-                     ("first element", _first_element_pass()), ("no pass", _no_pass())):
-        session.fingerprint_all = fp  # looked up when the step is traced, on its first call below
-        runs[name] = bc._build("mlp", "fingerprint", devices, os.path.join(root, name.replace(" ", "-")), x, y,
-                               bc.GLOBAL_BATCH)
+    for name in chosen:
+        # looked up when the step is traced, on its first call below
+        session.fingerprint_all = real if name == "fingerprints" else SETUPS[name]()
+        runs[name] = bc._build(args.model, "fingerprint", devices,
+                               os.path.join(root, name.replace(" ", "-")), x, y, bc.GLOBAL_BATCH)
         step, it, strategy, _ = runs[name]
         for _ in range(10):
             step(next(it)).numpy()
@@ -164,11 +180,11 @@ def main(argv=None) -> int:
                 strategy.flush()
             times[k].append((time.perf_counter() - t0) / 10)
     base = times["untraced"]
-    print(f"{'setup':16s} {'ms/step':>8s} {'ratio':>7s}   (median over {args.blocks} blocks of 10 steps; ratio is "
+    print(f"{'setup':22s} {'ms/step':>8s} {'ratio':>7s}   (median over {args.blocks} blocks of 10 steps; ratio is "
           f"the median of per-block ratios to the untraced block beside it)")
     for k in names:
         ratio = statistics.median(a / b for a, b in zip(times[k], base))
-        print(f"{k:16s} {statistics.median(times[k]) * 1e3:8.2f} {ratio:6.2f}x")
+        print(f"{k:22s} {statistics.median(times[k]) * 1e3:8.2f} {ratio:6.3f}x")
     for k in names[1:]:
         runs[k][2].close()
     return 0
