@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -286,7 +287,9 @@ def main(argv=None) -> int:
                                        "--warmup", str(args.warmup), "--out", out] + (["--pair"] if paired else []),
                                       capture_output=True, text=True, timeout=1800)
                 if proc.returncode != 0:
-                    print(f"{config}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                           else f"exit status {proc.returncode}")
+                    print(f"{config}: failed ({how})\n{proc.stderr[-3000:]}", file=sys.stderr)
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[config].append(res)
