@@ -313,14 +313,14 @@ def main(argv=None) -> int:
         cpu = statistics.median(r["cpu_s"] for r in runs)
         if "base_median_s" in runs[0]:
             # Side by side: the ratio of each process, then the median over rounds.
-            ratio = statistics.median(r["median_s"] / r["base_median_s"] for r in runs)
+            round_ratios = [r["median_s"] / r["base_median_s"] for r in runs]
+            ratio = statistics.median(round_ratios)
             cpu_ratio = statistics.median(r["cpu_s"] / r["base_cpu_s"] for r in runs)
             basis = "twin"
-            pairs = sorted(p for r in runs for p in r["pair_ratios"])
+            pairs = [p for r in runs for p in r["pair_ratios"]]
             q1, _, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (pairs[0],) * 3
-            extra = {"round_ratios": [r["median_s"] / r["base_median_s"] for r in runs],
-                     "pair_ratio_median": statistics.median(pairs), "pair_ratio_q1": q1, "pair_ratio_q3": q3,
-                     "pairs": len(pairs)}
+            extra = {"round_ratios": round_ratios, "pair_ratio_median": statistics.median(pairs),
+                     "pair_ratio_q1": q1, "pair_ratio_q3": q3, "pairs": len(pairs)}
         else:
             extra = {}
             base = results.get(config.split("/")[0] + "/untraced")
